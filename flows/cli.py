@@ -1,0 +1,128 @@
+"""`nash`: run rounds, show their status.
+
+    nash run CONFIG [--iterations N] [--runs-dir DIR] [--set dotted.key=value ...]
+    nash status [RUN] [--runs-dir DIR]
+    nash serve CONFIG --cron "0 2 * * *" [--iterations N] [--runs-dir DIR] [--set ...]
+
+User mistakes (bad config, missing files) print one `nash: error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nash.config import ConfigError, load_config
+from nash.constraints import ConstraintError
+from nash.iteration import preflight
+from nash.policy import PolicyError
+from nash.prompts import PromptError
+from nash.records import RecordError
+from nash.registry import RunDir
+
+USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, FileNotFoundError)
+
+
+def _runs_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("NASH_RUNS_DIR", "runs"))
+
+
+def cmd_run(args) -> int:
+    cfg = load_config(args.config, args.set or [])
+    if args.iterations is not None:
+        cfg.run.iterations = args.iterations
+    preflight(cfg)
+    run = RunDir.create(_runs_dir(args.runs_dir), cfg)
+    print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
+    from flows.round import round_flow  # Prefect is imported only for commands that run flows
+
+    round_flow(run_dir=str(run.path), iterations=cfg.run.iterations)
+    print_status(run)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    cfg = load_config(args.config, args.set or [])
+    if args.iterations is not None:
+        cfg.run.iterations = args.iterations
+    run = RunDir.create(_runs_dir(args.runs_dir), cfg)
+    from prefect import serve
+
+    from flows.round import round_deployment
+
+    deployment = round_deployment(str(run.path), cfg.run.iterations, args.cron)
+    print(f"nash: serving {deployment.name}: {cfg.run.iterations} iteration(s) of {run.name} on cron "
+          f"{args.cron!r}; Ctrl-C stops", file=sys.stderr)
+    serve(deployment)
+    return 0
+
+
+def print_status(run: RunDir) -> None:
+    from flows.iteration import iteration_row
+
+    rows = [iteration_row(it.manifest()) for it in run.iterations()]
+    print(f"run {run.name}  ({run.path})")
+    if not rows:
+        print("  no iterations yet")
+        return
+    head = list(rows[0])
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in head]
+    print("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  " + "  ".join(str(r[h]).ljust(w) for h, w in zip(head, widths)))
+
+
+def cmd_status(args) -> int:
+    runs_dir = _runs_dir(args.runs_dir)
+    if args.run:
+        path = Path(args.run) if Path(args.run, "run.json").is_file() else runs_dir / args.run
+        run = RunDir(path)
+        run.config()  # raises a clear error when this is not a run
+        print_status(run)
+        return 0
+    runs = sorted(p.parent for p in runs_dir.glob("*/run.json"))
+    if not runs:
+        print(f"no runs in {runs_dir}")
+    for p in runs:
+        its = RunDir(p).iterations()
+        complete = sum(it.complete for it in its)
+        print(f"{p.name}: {complete} complete iteration(s) of {len(its)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nash", description="Iterative self-improvement rounds for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run iterations of a config")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--iterations", type=int, help="iterations to run now (default: run.iterations)")
+    run.add_argument("--runs-dir", help="parent of run directories (default: ./runs or $NASH_RUNS_DIR)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="serve scheduled rounds of a config as a Prefect deployment")
+    serve.add_argument("config")
+    serve.add_argument("--cron", required=True, help='schedule, e.g. "0 2 * * *" for 02:00 every night')
+    serve.add_argument("--iterations", type=int, help="iterations per scheduled round (default: run.iterations)")
+    serve.add_argument("--runs-dir")
+    serve.add_argument("--set", action="append", metavar="KEY=VALUE")
+    serve.set_defaults(func=cmd_serve)
+    status = sub.add_parser("status", help="iterations of a run, their status and metrics")
+    status.add_argument("run", nargs="?", help="run name or directory (default: list all runs)")
+    status.add_argument("--runs-dir")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"nash: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

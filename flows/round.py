@@ -1,0 +1,54 @@
+"""The round flow: N iterations as subflows, then a markdown summary of the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.iteration import artifact_key, iteration_flow, iteration_row
+from nash import iteration as stages
+from nash.registry import RunDir
+
+
+def summary_markdown(run: RunDir) -> str:
+    rows = [iteration_row(it.manifest()) for it in run.iterations()]
+    if not rows:
+        return f"# {run.name}\n\nNo iterations yet.\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return f"# Run `{run.name}`\n\n{run.path}\n\n" + "\n".join(lines) + "\n"
+
+
+@flow(name="nash-round")
+def round_flow(run_dir: str, iterations: int) -> list[str]:
+    log = get_run_logger()
+    run = RunDir(run_dir)
+    done = []
+    for _ in range(iterations):
+        iter_dir = stages.prepare(run_dir)
+        log.info("iteration %s: %s", Path(iter_dir).name, iter_dir)
+        done.append(iteration_flow.with_options(flow_run_name=f"{run.name}-{Path(iter_dir).name}")(iter_dir))
+    create_markdown_artifact(summary_markdown(run), key=artifact_key("nash", run.name, "summary"),
+                             description=f"round summary of {run.name}")
+    return done
+
+
+def round_deployment(run_dir: str, iterations: int, cron: str):
+    """A deployment of the round flow on a cron schedule, e.g. nightly rounds.
+
+    Its parameters are the run directory and the iteration count only: the config lives
+    in the run's `run.json`, and secrets stay in the environment of the serving process.
+    """
+    run = RunDir(run_dir)
+    return round_flow.to_deployment(
+        name=f"{run.name}-round",
+        cron=cron,
+        parameters={"run_dir": str(Path(run_dir).resolve()), "iterations": iterations},
+        description=f"scheduled self-improvement rounds of {run.name}",
+        tags=["nash"],
+        concurrency_limit=1,  # one round of a run at a time: iterations are sequential
+    )

@@ -1,0 +1,31 @@
+"""The rules judge: the share of a prompt's verifiable constraints a response satisfies."""
+
+from __future__ import annotations
+
+from nash import constraints
+from nash.records import Judgment, Prompt
+
+
+class RulesJudge:
+    name = "rules"
+
+    def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
+        if not prompt.constraints:
+            raise ValueError(
+                f"judge.kind=rules: prompt {prompt.id!r} has no constraints to check; "
+                "give each prompt a 'constraints' list or choose another judge"
+            )
+        out = []
+        for i, text in enumerate(candidates):
+            passed = {constraints.label(c): constraints.check(c, text) for c in prompt.constraints}
+            out.append(
+                Judgment(
+                    prompt_id=prompt.id,
+                    candidate=i,
+                    judge=self.name,
+                    outcome="scored",
+                    score=sum(passed.values()) / len(passed),
+                    details={"passed": passed},
+                )
+            )
+        return out

@@ -1,0 +1,178 @@
+"""The run configuration: YAML -> typed, validated models, with `--set` overrides.
+
+Every section forbids unknown keys, and every error names the dotted key and, where
+the key came from a file, the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nash.policy import EMBEDDED
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("default", description="Run directory name under --runs-dir.")
+    iterations: int = Field(2, ge=1, description="Iterations per `nash run`.")
+    seed: int = Field(0, description="Seed for sampling and training.")
+
+
+class PolicySection(Section):
+    model: str = Field(EMBEDDED, description="π_0: the embedded default, a local HF directory, or a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class PromptsSection(Section):
+    source: str = Field("builtin", description="'builtin', a .jsonl path, or 'hf:<dataset>[:split]'.")
+    field: str = Field("prompt", description="Prompt text column of a JSONL or HF source.")
+    seed: int = Field(0, description="Seed of the built-in set and of the partition shuffle.")
+    partition_size: int = Field(48, ge=1, description="Fresh training prompts per iteration.")
+
+
+class SamplingSection(Section):
+    backend: Literal["transformers"] = "transformers"
+    n: int = Field(4, ge=2, description="Candidates per prompt (K).")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(64, ge=1, description="Sequences per generate() call.")
+
+
+class JudgeSection(Section):
+    kind: Literal["rules"] = "rules"
+
+
+class PairsSection(Section):
+    rule: Literal["dno"] = "dno"
+    min_chosen_score: float = Field(0.5, description="Chosen must score at least this.")
+    min_margin: float = Field(0.5, gt=0.0, description="Chosen minus rejected must be at least this.")
+    per_prompt: Literal["best", "all"] = Field(
+        "best", description="'best': top vs bottom candidate; 'all': every qualifying pair."
+    )
+
+
+class TrainSection(Section):
+    loss: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0)
+    learning_rate: float = Field(5e-6, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=16, description="Prompt plus completion tokens; longer pairs are truncated.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class EvalSection(Section):
+    num_prompts: int = Field(64, ge=0, description="Held-out prompts to evaluate (0: all).")
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    policy: PolicySection = PolicySection()
+    prompts: PromptsSection = PromptsSection()
+    sampling: SamplingSection = SamplingSection()
+    judge: JudgeSection = JudgeSection()
+    pairs: PairsSection = PairsSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+
+    def hash(self) -> str:
+        """Hash of everything that shapes results (not how many iterations to run)."""
+        data = self.model_dump(mode="json")
+        data["run"].pop("iterations")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _line_index(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict:
+    """Map each dotted key of a YAML document to the line it is written on."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = path + (k.value,)
+            out[".".join(key)] = k.start_mark.line + 1
+            _line_index(v, key, out)
+    return out
+
+
+def _read_yaml(path: Path, lines: dict[str, str]) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, line in (_line_index(node) if node else {}).items():
+        lines[key] = f"{path}:{line}"
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(_read_yaml((path.parent / base).resolve(), lines), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    lines: dict[str, str] = {}
+    data = _read_yaml(Path(path), lines) if path else {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {k!r} is not a section")
+        node[keys[-1]] = value
+        lines[".".join(keys)] = "--set"
+    return validate_config(data, lines)
+
+
+def validate_config(data: dict, lines: dict[str, str] | None = None) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            where = (lines or {}).get(key)
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msgs.append(f"{where + ': ' if where else ''}{key}: {msg}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

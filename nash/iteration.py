@@ -1,0 +1,217 @@
+"""One self-improvement iteration as a sequence of stages over files.
+
+    prepare -> sample -> judge -> select_pairs -> train -> evaluate -> finalize
+
+Each stage takes the iteration directory, reads the run's resolved config from
+`run.json`, writes its output file atomically, records itself in the manifest and
+returns the output path. A stage already recorded as complete is skipped, so a failed
+or interrupted iteration resumes where it stopped. Prefect tasks wrap these functions
+one to one (flows/); `run_iteration` runs them without Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from judges import build_judge
+from nash import evaluation, prompts as prompt_sources
+from nash.judging import judge_samples, outcome_counts
+from nash.pairs import select_pairs
+from nash.policy import resolve_policy
+from nash.records import Judgment, Pair, Prompt, Sample, read_jsonl, write_jsonl, write_json
+from nash.registry import IterationDir, RunDir, now, package_versions
+from nash.sampling import Progress, SamplingParams, build_sampler
+from nash.training import train_dpo
+
+STAGES = ("sample", "judge", "select_pairs", "train", "evaluate")
+
+
+def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dict | None]) -> str:
+    stages = it.manifest().get("stages", {})
+    if stages.get(name, {}).get("status") == "complete" and output.exists():
+        return str(output)
+    start = time.time()
+    try:
+        info = work() or {}
+    except BaseException as e:
+        stages[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        it.update_manifest(stages=stages, status="failed", error=f"{name}: {type(e).__name__}: {e}",
+                           traceback=traceback.format_exc(limit=5))
+        raise
+    stages = it.manifest().get("stages", {})
+    stages[name] = {"status": "complete", "seconds": round(time.time() - start, 2), **info}
+    it.update_manifest(stages=stages)
+    return str(output)
+
+
+def _eval_prompts_path(run: RunDir) -> Path:
+    return run.path / "eval_prompts.jsonl"
+
+
+def preflight(cfg) -> None:
+    """Fail fast, before any flow starts, on a prompt source or policy that cannot load."""
+    prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field)
+    resolve_policy(cfg.policy.model)
+
+
+def prepare(run_dir: str) -> str:
+    """Open the next iteration: fix its parent policy and its fresh prompt partition."""
+    run = RunDir(run_dir)
+    cfg = run.config()
+    it = run.next_iteration()
+    if it.manifest():
+        it.update_manifest(status="running", error=None, traceback=None)
+        return str(it.path)
+    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field)
+    if not _eval_prompts_path(run).is_file():
+        write_jsonl(_eval_prompts_path(run), prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts))
+    part = prompt_sources.partition(all_prompts, it.index, cfg.prompts.partition_size, cfg.prompts.seed)
+    parent = run.last_complete()
+    parent_policy = str(parent.policy) if parent else resolve_policy(cfg.policy.model)
+    it.path.mkdir(parents=True, exist_ok=True)
+    write_jsonl(it.path / "prompts.jsonl", part)
+    it.update_manifest(
+        iteration=it.index,
+        status="running",
+        config_hash=cfg.hash(),
+        parent_policy={"iteration": parent.index if parent else 0, "path": parent_policy},
+        prompt_partition={"index": it.index, "size": len(part), "ids": [p.id for p in part]},
+        packages=package_versions(),
+        started_at=now(),
+        stages={},
+    )
+    return str(it.path)
+
+
+def sample(iter_dir: str, progress: Progress | None = None) -> str:
+    it = IterationDir.from_path(iter_dir)
+    cfg = it.run.config()
+
+    def work():
+        parts = read_jsonl(it.path / "prompts.jsonl", Prompt)
+        policy = it.manifest()["parent_policy"]["path"]
+        sampler = build_sampler(cfg.sampling.backend, policy, cfg.policy.dtype, cfg.sampling.batch_size)
+        s = cfg.sampling
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
+                                max_new_tokens=s.max_new_tokens, seed=cfg.run.seed * 1000 + it.index)
+        completions = sampler.generate([p.text for p in parts], params, progress)
+        samples = [
+            Sample(prompt_id=p.id, candidate=k, prompt=p.text, response=c.text,
+                   num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}")
+            for p, cs in zip(parts, completions) for k, c in enumerate(cs)
+        ]
+        write_jsonl(it.samples, samples)
+        return {"candidates": len(samples), "mean_tokens": round(sum(x.num_tokens for x in samples) / len(samples), 1)}
+
+    return _run_stage(it, "sample", it.samples, work)
+
+
+def judge(iter_dir: str, progress: Progress | None = None) -> str:
+    it = IterationDir.from_path(iter_dir)
+    cfg = it.run.config()
+
+    def work():
+        parts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
+        judgments = judge_samples(build_judge(cfg), parts, read_jsonl(it.samples, Sample), it.judgments, progress)
+        it.update_manifest(judge_outcomes=outcome_counts(judgments))
+        return outcome_counts(judgments)
+
+    return _run_stage(it, "judge", it.judgments, work)
+
+
+def select(iter_dir: str) -> str:
+    it = IterationDir.from_path(iter_dir)
+    cfg = it.run.config()
+
+    def work():
+        p = cfg.pairs
+        pairs, stats = select_pairs(read_jsonl(it.samples, Sample), read_jsonl(it.judgments, Judgment),
+                                    p.min_chosen_score, p.min_margin, p.per_prompt)
+        write_jsonl(it.pairs, pairs)
+        it.update_manifest(pairs=vars(stats))
+        return {"pairs": stats.pairs, "prompts_dropped": stats.prompts_dropped}
+
+    return _run_stage(it, "select_pairs", it.pairs, work)
+
+
+def train(iter_dir: str, progress: Progress | None = None) -> str:
+    it = IterationDir.from_path(iter_dir)
+    cfg = it.run.config()
+
+    def work():
+        pairs = read_jsonl(it.pairs, Pair)
+        if not pairs:
+            reasons = it.manifest().get("pairs", {}).get("drop_reasons", {})
+            raise RuntimeError(
+                f"no pairs kept in {it.pairs} (dropped: {reasons}); lower pairs.min_margin or "
+                "pairs.min_chosen_score, or raise sampling.n"
+            )
+        policy = it.manifest()["parent_policy"]["path"]
+        metrics = train_dpo(policy, pairs, it.policy, cfg.train, cfg.policy.dtype,
+                            seed=cfg.run.seed * 1000 + it.index, progress=progress)
+        it.update_manifest(train=metrics)
+        return {"steps": metrics["steps"]}
+
+    return _run_stage(it, "train", it.policy, work)
+
+
+def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
+    it = IterationDir.from_path(iter_dir)
+    run, cfg = it.run, it.run.config()
+
+    def work():
+        held_out = read_jsonl(_eval_prompts_path(run), Prompt)
+        judge_ = build_judge(cfg)
+        base_dir = run.baseline_dir / "eval"
+        base = evaluation.answer_and_judge(resolve_policy(cfg.policy.model), held_out, cfg, judge_,
+                                           base_dir, "iter_000", progress)
+        new = evaluation.answer_and_judge(str(it.policy), held_out, cfg, judge_, it.eval_dir,
+                                          f"iter_{it.index:03d}", progress)
+        manifest = it.manifest()
+        metrics = {
+            "iteration": it.index,
+            "eval": evaluation.summarize(new, it.eval_dir / "samples.jsonl"),
+            "initial": evaluation.summarize(base, base_dir / "samples.jsonl"),
+            "win_rate_vs_initial": evaluation.win_rate(new, base),
+            "train": manifest.get("train", {}),
+            "pairs": manifest.get("pairs", {}),
+        }
+        write_json(it.metrics, metrics)
+        return {"pass_rate": metrics["eval"]["pass_rate"]}
+
+    return _run_stage(it, "evaluate", it.metrics, work)
+
+
+def finalize(iter_dir: str) -> str:
+    """Hash every file and mark the iteration complete: from here on readers trust it."""
+    it = IterationDir.from_path(iter_dir)
+    m = it.manifest()
+    missing = [s for s in STAGES if m.get("stages", {}).get(s, {}).get("status") != "complete"]
+    if missing:
+        raise RuntimeError(f"{it.path}: stages not complete: {', '.join(missing)}")
+    metrics = json.loads(it.metrics.read_text())
+    it.update_manifest(
+        files=it.file_hashes(),
+        metrics={
+            "pass_rate": metrics["eval"]["pass_rate"],
+            "constraint_pass_rate": metrics["eval"]["constraint_pass_rate"],
+            "initial_pass_rate": metrics["initial"]["pass_rate"],
+            "win_rate_vs_initial": metrics["win_rate_vs_initial"]["win_rate"],
+        },
+        timings={s: m["stages"][s]["seconds"] for s in STAGES},
+        finished_at=now(),
+        status="complete",
+    )
+    return str(it.manifest_path)
+
+
+def run_iteration(run_dir: str) -> str:
+    """All stages of the next iteration, without Prefect."""
+    path = prepare(run_dir)
+    for stage in (sample, judge, select, train, evaluate):
+        stage(path)
+    return finalize(path)

@@ -1,0 +1,170 @@
+"""Prompt sources and their split into per-iteration partitions and a held-out eval split.
+
+`builtin` generates instruction prompts with verifiable constraints from a seed. Eval
+topics are drawn first and never appear in training, so the held-out pass rate measures
+constraint following on unseen subjects. Training prompts are shuffled once and cut into
+disjoint partitions, one per iteration (fresh prompts each iteration, as in DNO).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+from nash import constraints
+from nash.records import Prompt
+
+TOPICS = [
+    "the ocean", "volcanoes", "honeybees", "public libraries", "bicycles", "coffee",
+    "the moon", "rain forests", "chess", "bread baking", "trains", "recycling",
+    "friendship", "solar power", "museums", "mountains", "jazz music", "penguins",
+    "gardening", "the internet", "clocks", "deserts", "photography", "tea",
+    "bridges", "snow", "dinosaurs", "sailing", "city parks", "robots", "maps",
+    "owls", "football", "rivers", "kites", "lighthouses", "cooking pasta",
+    "the human heart", "electric cars", "birthdays", "painting", "the post office",
+    "hiking", "submarines", "apples", "thunderstorms", "board games", "airports",
+    "whales", "farming", "libraries of seeds", "the alphabet", "camping",
+    "fireflies", "rainbows", "marathons", "bakeries", "glaciers", "puppets", "space travel",
+]
+
+TASKS = [
+    "Write a short paragraph about {topic}.",
+    "Explain {topic} to a ten-year-old.",
+    "Give some advice to someone who is curious about {topic}.",
+    "Describe the main benefits of {topic}.",
+    "Share a few interesting facts about {topic}.",
+    "Write a short poem about {topic}.",
+    "Summarize why people care about {topic}.",
+    "Tell a very short story involving {topic}.",
+]
+
+_CHOICES: dict[str, list[dict]] = {
+    "lowercase": [{}],
+    "uppercase": [{}],
+    "max_words": [{"n": n} for n in (15, 25, 40)],
+    "bullets": [{"n": n} for n in (2, 3, 4)],
+    "keyword": [{"word": w} for w in ("remarkable", "balance", "journey", "simple", "future", "energy")],
+    "no_commas": [{}],
+    "end_phrase": [{"phrase": p} for p in ("Is there anything else I can help with?", "That is all.", "Thank you for reading.")],
+    "start_word": [{"word": w} for w in ("Yes", "Today", "Imagine", "Certainly")],
+    "quotes": [{}],
+}
+
+# Pairs that cannot both hold (case rules against capitalised phrases, layouts that clash).
+_CONFLICTS = {
+    frozenset(p)
+    for p in [
+        ("lowercase", "uppercase"), ("lowercase", "start_word"), ("lowercase", "end_phrase"),
+        ("uppercase", "start_word"), ("uppercase", "end_phrase"), ("uppercase", "keyword"),
+        ("bullets", "quotes"), ("bullets", "start_word"), ("bullets", "end_phrase"),
+        ("quotes", "end_phrase"), ("quotes", "start_word"), ("bullets", "max_words"),
+    ]
+}
+
+
+class PromptError(ValueError):
+    pass
+
+
+def builtin_prompts(seed: int = 0, per_topic: int = 7, eval_topics: int = 12) -> list[Prompt]:
+    rng = random.Random(seed)
+    topics = TOPICS[:]
+    rng.shuffle(topics)
+    held_out = set(topics[:eval_topics])
+    kinds = list(_CHOICES)
+    prompts = []
+    for topic in sorted(TOPICS):
+        for j, task in enumerate(rng.sample(TASKS, per_topic)):
+            while True:
+                chosen = rng.sample(kinds, 1 if rng.random() < 0.3 else 2)
+                if not any(frozenset(p) in _CONFLICTS for p in itertools.combinations(chosen, 2)):
+                    break
+            cons = [{"kind": k, **rng.choice(_CHOICES[k])} for k in chosen]
+            text = " ".join([task.format(topic=topic)] + [constraints.describe(c) for c in cons])
+            prompts.append(
+                Prompt(
+                    id=f"{topic.replace(' ', '-')}-{j}",
+                    text=text,
+                    constraints=cons,
+                    topic=topic,
+                    split="eval" if topic in held_out else "train",
+                )
+            )
+    return prompts
+
+
+def load_prompts(source: str, seed: int = 0, field: str = "prompt", eval_fraction: float = 0.2) -> list[Prompt]:
+    """Load every prompt of a source, each marked train or eval."""
+    if source == "builtin":
+        return builtin_prompts(seed)
+    if source.startswith("hf:"):
+        return _from_rows(_load_hf(source[3:]), source, field, seed, eval_fraction)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise PromptError(f"prompts.source: file not found: {source}")
+    if path.suffix != ".jsonl":
+        raise PromptError(f"prompts.source: expected 'builtin', 'hf:<dataset>' or a .jsonl file, got {source}")
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or field not in row:
+                raise PromptError(f"{path}:{lineno}: missing field {field!r} (prompts.field)")
+            rows.append(row)
+    return _from_rows(rows, str(path), field, seed, eval_fraction)
+
+
+def _load_hf(spec: str) -> list[dict]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    return list(datasets.load_dataset(name, split=split or "train"))
+
+
+def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fraction: float) -> list[Prompt]:
+    prompts = []
+    for i, row in enumerate(rows):
+        cons = row.get("constraints") or []
+        for c in cons:
+            try:
+                constraints.validate(c)
+            except constraints.ConstraintError as e:
+                raise PromptError(f"{where}: row {i + 1}: {e}") from None
+        prompts.append(
+            Prompt(id=str(row.get("id", i)), text=str(row[field]), constraints=cons,
+                   topic=row.get("topic"), split=row.get("split", "train"))
+        )
+    if not any(p.split == "eval" for p in prompts):
+        # No split given: hold out a seeded share for evaluation.
+        order = list(range(len(prompts)))
+        random.Random(seed).shuffle(order)
+        for i in order[: max(1, int(len(prompts) * eval_fraction))]:
+            prompts[i].split = "eval"
+    return prompts
+
+
+def partition(prompts: list[Prompt], iteration: int, size: int, seed: int = 0) -> list[Prompt]:
+    """The training prompts of `iteration` (1-based): disjoint from every other iteration's."""
+    train = [p for p in prompts if p.split == "train"]
+    random.Random(seed).shuffle(train)
+    start = (iteration - 1) * size
+    if start + size > len(train):
+        raise PromptError(
+            f"prompts.partition_size: {len(train)} training prompts give only "
+            f"{len(train) // size} fresh partitions of {size}; iteration {iteration} needs more"
+        )
+    return train[start : start + size]
+
+
+def eval_split(prompts: list[Prompt], n: int) -> list[Prompt]:
+    held_out = [p for p in prompts if p.split == "eval"]
+    return held_out[:n] if n else held_out
+

@@ -1,0 +1,110 @@
+"""One record type per JSONL file of an iteration directory, and the JSONL I/O for them.
+
+Files are written atomically (temp file then rename) or appended line by line, so a
+reader never sees half a record, and a crash keeps every line already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Prompt(Record):
+    id: str
+    text: str
+    constraints: list[dict[str, Any]] = []
+    topic: str | None = None
+    split: Literal["train", "eval"] = "train"
+
+
+class Sample(Record):
+    """One candidate response to one prompt (samples.jsonl)."""
+
+    prompt_id: str
+    candidate: int
+    prompt: str
+    response: str
+    num_tokens: int
+    policy: str
+
+
+class Judgment(Record):
+    """One judge result for one candidate (judgments.jsonl, append-only)."""
+
+    prompt_id: str
+    candidate: int
+    judge: str
+    outcome: Literal["scored", "failed"]
+    score: float | None = None
+    details: dict[str, Any] = {}
+    raw: str | None = None
+
+
+class Pair(Record):
+    """A preference pair for the contrastive update (pairs.jsonl)."""
+
+    prompt_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_candidate: int
+    rejected_candidate: int
+    chosen_score: float
+    rejected_score: float
+    margin: float
+
+
+R = TypeVar("R", bound=Record)
+
+
+class RecordError(ValueError):
+    pass
+
+
+def read_jsonl(path: str | os.PathLike, record: type[R]) -> list[R]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(record.model_validate_json(line))
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = ".".join(str(p) for p in err["loc"]) or "<line>"
+                raise RecordError(f"{path}:{lineno}: {loc}: {err['msg']}") from None
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(r.model_dump_json() + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(r.model_dump_json() + "\n")
+            f.flush()
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,141 @@
+"""The run directory: `run.json` plus one versioned directory per iteration.
+
+An iteration directory is complete only when its manifest says so. Readers (the next
+iteration, `nash status`) never trust a partial one; a re-run resumes it stage by stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from nash.config import Config, ConfigError, validate_config
+from nash.records import write_json
+
+PACKAGES = ("nash", "torch", "transformers", "trl", "datasets", "accelerate", "prefect", "pydantic")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class IterationDir:
+    def __init__(self, run: "RunDir", index: int):
+        self.run = run
+        self.index = index
+        self.path = run.path / f"iter_{index:03d}"
+
+    samples = property(lambda self: self.path / "samples.jsonl")
+    judgments = property(lambda self: self.path / "judgments.jsonl")
+    pairs = property(lambda self: self.path / "pairs.jsonl")
+    policy = property(lambda self: self.path / "policy")
+    metrics = property(lambda self: self.path / "metrics.json")
+    eval_dir = property(lambda self: self.path / "eval")
+    manifest_path = property(lambda self: self.path / "manifest.json")
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> "IterationDir":
+        path = Path(path)
+        try:
+            index = int(path.name.removeprefix("iter_"))
+        except ValueError:
+            raise ValueError(f"{path}: not an iteration directory (expected iter_NNN)") from None
+        return cls(RunDir(path.parent), index)
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {}
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        m = self.manifest()
+        m.update(fields)
+        write_json(self.manifest_path, m)
+        return m
+
+    @property
+    def status(self) -> str:
+        return self.manifest().get("status", "missing")
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def file_hashes(self) -> dict[str, str]:
+        files = [self.samples, self.judgments, self.pairs, self.metrics]
+        files += sorted(p for p in self.policy.glob("*") if p.is_file())
+        return {str(p.relative_to(self.path)): sha256_file(p) for p in files if p.is_file()}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    name = property(lambda self: self.path.name)
+    config_path = property(lambda self: self.path / "run.json")
+    baseline_dir = property(lambda self: self.path / "baseline")
+
+    @classmethod
+    def create(cls, runs_dir: str | Path, cfg: Config) -> "RunDir":
+        """Create the run, or reopen it when its resolved config is the same."""
+        run = cls(Path(runs_dir) / cfg.run.name)
+        if run.config_path.is_file():
+            stored = run.config()
+            if stored.hash() != cfg.hash():
+                old, new = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
+                diff = [
+                    f"{s}.{k}" for s in new for k in new[s]
+                    if (s, k) != ("run", "iterations") and old[s].get(k) != new[s][k]
+                ]
+                raise ConfigError(
+                    f"run {cfg.run.name!r} already exists in {run.path} with a different config "
+                    f"({', '.join(diff)}); set run.name to start a new run"
+                )
+            return run
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_json(run.config_path, {"config_hash": cfg.hash(), "created_at": now(), "config": cfg.model_dump(mode="json")})
+        return run
+
+    def config(self) -> Config:
+        if not self.config_path.is_file():
+            raise ConfigError(f"{self.path}: not a run directory (no run.json)")
+        return validate_config(json.loads(self.config_path.read_text(encoding="utf-8"))["config"])
+
+    def iterations(self) -> list[IterationDir]:
+        found = []
+        for p in sorted(self.path.glob("iter_[0-9][0-9][0-9]")):
+            found.append(IterationDir(self, int(p.name[5:])))
+        return found
+
+    def last_complete(self) -> IterationDir | None:
+        done = [it for it in self.iterations() if it.complete]
+        return done[-1] if done else None
+
+    def next_iteration(self) -> IterationDir:
+        """The unfinished last iteration if there is one, else a new one after it."""
+        its = self.iterations()
+        if its and not its[-1].complete:
+            return its[-1]
+        return IterationDir(self, its[-1].index + 1 if its else 1)

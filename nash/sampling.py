@@ -1,0 +1,99 @@
+"""Sampling: K responses per prompt from a policy, through a backend chosen by config.
+
+A sampler takes user prompts (plain text) and applies the policy's chat template itself,
+so the same interface fits transformers, vLLM and an OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from tqdm.auto import tqdm
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    seed: int = 0
+
+
+class Sampler(Protocol):
+    def generate(
+        self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
+    ) -> list[list[Completion]]:
+        """Return `params.n` completions for each prompt, in prompt order."""
+        ...
+
+
+class TransformersSampler:
+    """Batched `generate()` on one device; sequences sorted by length to limit padding."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 64, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+
+    def chat_text(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+
+    def generate(self, prompts, params, progress=None):
+        torch, tok = self.torch, self.tokenizer
+        texts = [self.chat_text(p) for p in prompts]
+        lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(params.n)), key=lambda j: lengths[j[0]])
+        out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
+        greedy = params.temperature == 0.0
+        bar = tqdm(total=len(jobs), desc="sampling", unit="seq", leave=False)
+        for b, start in enumerate(range(0, len(jobs), self.batch_size)):
+            batch = jobs[start : start + self.batch_size]
+            enc = tok([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(self.device)
+            torch.manual_seed(params.seed * 1_000_003 + b)
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    **enc,
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=None if greedy else params.temperature,
+                    top_p=None if greedy else params.top_p,
+                    top_k=None,
+                    pad_token_id=tok.pad_token_id,
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            for (i, k), ids in zip(batch, new):
+                ids = ids.tolist()
+                n_tok = next((j + 1 for j, t in enumerate(ids) if t == tok.eos_token_id), len(ids))
+                out[i][k] = Completion(tok.decode(ids[:n_tok], skip_special_tokens=True).strip(), n_tok)
+            bar.update(len(batch))
+            if progress:
+                progress(min(start + len(batch), len(jobs)), len(jobs))
+        bar.close()
+        return out
+
+
+def build_sampler(backend: str, model_path: str, dtype: str, batch_size: int) -> Sampler:
+    if backend == "transformers":
+        return TransformersSampler(model_path, dtype=dtype, batch_size=batch_size)
+    raise ValueError(f"sampling.backend: unknown backend {backend!r}")

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from nash.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_yaml_is_complete_and_valid():
+    import yaml
+
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    written = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    # Every key of every section is written out in the default file.
+    for section, fields in Config.model_fields.items():
+        assert set(written[section]) == set(fields.annotation.model_fields), section
+    assert cfg.judge.kind == "rules"
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  name: x\n  iteratons: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:3: run.iteratons: unknown key" in str(e.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sampling:\n  n: many\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2: sampling.n: .*integer"):
+        load_config(p)
+
+
+def test_unknown_section(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sampler:\n  n: 3\n")
+    with pytest.raises(ConfigError, match="sampler: unknown key"):
+        load_config(p)
+
+
+def test_set_overrides_are_typed_and_validated():
+    cfg = load_config(None, ["sampling.n=6", "train.learning_rate=1e-5", "run.name=abc"])
+    assert cfg.sampling.n == 6 and cfg.train.learning_rate == 1e-5 and cfg.run.name == "abc"
+    with pytest.raises(ConfigError, match="--set: judge.kind"):
+        load_config(None, ["judge.kind=nope"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["sampling.n"])
+
+
+def test_base_file_is_merged(tmp_path):
+    (tmp_path / "base.yaml").write_text("sampling:\n  n: 7\n  temperature: 0.5\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nsampling:\n  n: 3\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.sampling.n == 3 and cfg.sampling.temperature == 0.5
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: /nope.yaml"):
+        load_config("/nope.yaml")
+
+
+def test_hash_ignores_iteration_count():
+    a = load_config(None, ["run.iterations=1"])
+    b = load_config(None, ["run.iterations=5"])
+    c = load_config(None, ["train.beta=0.2"])
+    assert a.hash() == b.hash() != c.hash()
+
+
+def test_cli_reports_user_error_without_traceback(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("pairs:\n  min_margin: -1\n")
+    assert main(["run", str(p), "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nash: error:") and "pairs.min_margin" in err and "Traceback" not in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_prompts_file_or_policy_dir(tmp_path, capsys):
+    cfg = ROOT / "configs" / "default.yaml"
+    assert main(["run", str(cfg), "--runs-dir", str(tmp_path), "--set", "prompts.source=/no/such.jsonl"]) == 2
+    assert "prompts.source: file not found: /no/such.jsonl" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--runs-dir", str(tmp_path), "--set", "policy.model=./no/such/dir"]) == 2
+    assert "policy.model: directory not found: ./no/such/dir" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

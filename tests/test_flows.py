@@ -1,0 +1,72 @@
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from nash.config import load_config
+from nash.registry import RunDir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+async def _artifacts():
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_artifacts()
+
+
+def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, tmp_path, tiny_overrides):
+    from flows.round import round_flow
+
+    cfg = load_config(None, tiny_overrides + ["run.name=flowrun"])
+    run = RunDir.create(tmp_path, cfg)
+    manifests = round_flow(run_dir=str(run.path), iterations=2)
+    assert [Path(m).parent.name for m in manifests] == ["iter_001", "iter_002"]
+    assert all(it.complete for it in run.iterations())
+
+    arts = asyncio.run(_artifacts())
+    by_type = {}
+    for a in arts:
+        by_type.setdefault(a.type, []).append(a)
+    tables = [a for a in by_type["table"] if a.key and a.key.startswith("nash-flowrun-iter")]
+    assert {a.key for a in tables} == {"nash-flowrun-iter-001", "nash-flowrun-iter-002"}
+    row = json.loads(tables[0].data)[0]
+    assert {"pairs kept", "pass rate", "win rate vs π_0", "candidates"} <= set(row)
+    summary = [a for a in by_type["markdown"] if a.key == "nash-flowrun-summary"]
+    assert summary and "| 2 | complete |" in summary[0].data
+    assert any(a.type == "progress" and a.data == 100.0 for a in arts)
+
+
+@pytest.mark.slow
+def test_cli_demo_iteration_on_the_embedded_default(tmp_path):
+    """One real iteration of the embedded SmolLM2 through `nash run` and Prefect."""
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / "default.yaml"),
+           "--iterations", "1", "--runs-dir", str(tmp_path),
+           "--set", "prompts.partition_size=16", "--set", "eval.num_prompts=16"]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=1800)
+    status = subprocess.run([sys.executable, "-m", "flows.cli", "status", "demo", "--runs-dir", str(tmp_path)],
+                            check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    assert "complete" in status
+    it = RunDir(tmp_path / "demo").iterations()[0]
+    assert it.complete and (it.policy / "model.safetensors").is_file()
+
+
+def test_scheduled_round_deployment_carries_only_paths(tmp_path):
+    from flows.round import round_deployment
+
+    run = RunDir.create(tmp_path, load_config(None, ["run.name=nightly"]))
+    dep = round_deployment(str(run.path), 3, "0 2 * * *")
+    assert dep.name == "nightly-round"
+    assert dep.parameters == {"run_dir": str(run.path.resolve()), "iterations": 3}
+    assert dep.schedules[0].schedule.cron == "0 2 * * *"

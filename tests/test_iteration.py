@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from nash import iteration
+from nash.config import ConfigError, load_config
+from nash.records import Judgment, Pair, Sample, read_jsonl
+from nash.registry import RunDir, sha256_file
+
+
+def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["run.name=t"])
+    run = RunDir.create(tmp_path, cfg)
+    first = iteration.run_iteration(str(run.path))
+    second = iteration.run_iteration(str(run.path))
+    assert json.loads((run.path / "run.json").read_text())["config"]["run"]["name"] == "t"
+
+    it1, it2 = run.iterations()
+    for it in (it1, it2):
+        m = it.manifest()
+        assert m["status"] == "complete" and m["config_hash"] == cfg.hash()
+        for name in ("samples.jsonl", "judgments.jsonl", "pairs.jsonl", "metrics.json",
+                     "policy/config.json", "policy/model.safetensors", "policy/tokenizer.json"):
+            assert (it.path / name).is_file(), name
+            assert m["files"][name] == sha256_file(it.path / name)
+        samples = read_jsonl(it.samples, Sample)
+        assert len(samples) == 6 * 4 and len(read_jsonl(it.judgments, Judgment)) == 24
+        assert m["judge_outcomes"] == {"scored": 24, "failed": 0}
+        assert m["pairs"]["pairs"] == len(read_jsonl(it.pairs, Pair)) > 0
+        assert set(m["timings"]) == set(iteration.STAGES) and "transformers" in m["packages"]
+        metrics = json.loads(it.metrics.read_text())
+        assert 0.0 <= metrics["eval"]["pass_rate"] <= 1.0
+        assert metrics["win_rate_vs_initial"]["n"] + metrics["win_rate_vs_initial"]["unjudged"] == 5
+        assert metrics["train"]["steps"] > 0
+    assert first.endswith("iter_001/manifest.json") and second.endswith("iter_002/manifest.json")
+    # π_2 is trained from π_1 on fresh prompts.
+    assert it2.manifest()["parent_policy"] == {"iteration": 1, "path": str(it1.policy)}
+    assert not set(it1.manifest()["prompt_partition"]["ids"]) & set(it2.manifest()["prompt_partition"]["ids"])
+    assert {s.policy for s in read_jsonl(it2.samples, Sample)} == {"iter_001"}
+    # π_0's held-out answers are generated once and shared by every iteration.
+    assert (run.baseline_dir / "eval" / "samples.jsonl").is_file()
+
+
+def test_failed_stage_is_recorded_and_resumed(tmp_path, tiny_overrides, monkeypatch):
+    cfg = load_config(None, tiny_overrides + ["run.name=r"])
+    run = RunDir.create(tmp_path, cfg)
+    calls = []
+    real_train = iteration.train_dpo
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(iteration, "train_dpo", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        iteration.run_iteration(str(run.path))
+    it = run.iterations()[0]
+    m = it.manifest()
+    assert m["status"] == "failed" and "train: RuntimeError: out of memory" in m["error"]
+    assert m["stages"]["sample"]["status"] == "complete" and not it.complete
+    assert run.last_complete() is None
+    samples_before = it.samples.read_bytes()
+
+    monkeypatch.setattr(iteration, "train_dpo", real_train)
+    iteration.run_iteration(str(run.path))
+    assert [i.index for i in run.iterations()] == [1] and it.complete
+    assert it.samples.read_bytes() == samples_before  # paid-for samples were reused, not redrawn
+
+
+def test_reopening_a_run_with_another_config_names_the_keys(tmp_path):
+    RunDir.create(tmp_path, load_config(None, ["run.name=x"]))
+    RunDir.create(tmp_path, load_config(None, ["run.name=x", "run.iterations=9"]))  # same run, more rounds
+    with pytest.raises(ConfigError, match=r"different config \(sampling.n, train.beta\)"):
+        RunDir.create(tmp_path, load_config(None, ["run.name=x", "sampling.n=8", "train.beta=0.3"]))
+
+
+def test_no_pairs_is_a_clear_failure(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["run.name=np", "pairs.min_chosen_score=2.0"])
+    run = RunDir.create(tmp_path, cfg)
+    with pytest.raises(RuntimeError, match="no pairs kept .*pairs.min_margin"):
+        iteration.run_iteration(str(run.path))
+    assert run.iterations()[0].status == "failed"
