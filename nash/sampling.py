@@ -52,6 +52,8 @@ class TransformersSampler:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def chat_text(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -84,7 +86,7 @@ class TransformersSampler:
             new = gen[:, enc["input_ids"].shape[1] :]
             for (i, k), ids in zip(batch, new):
                 ids = ids.tolist()
-                n_tok = next((j + 1 for j, t in enumerate(ids) if t == tok.eos_token_id), len(ids))
+                n_tok = next((j + 1 for j, t in enumerate(ids) if t in self.eos_ids), len(ids))
                 out[i][k] = Completion(tok.decode(ids[:n_tok], skip_special_tokens=True).strip(), n_tok)
             bar.update(len(batch))
             if progress:
