@@ -20,7 +20,11 @@ from nash.iteration import preflight
 from nash.policy import PolicyError
 from nash.prompts import PromptError
 from nash.records import RecordError
-from nash.registry import RunDir
+from nash.registry import RunDir, iteration_row
+
+# The temporary server would otherwise try to send usage telemetry, which fails offline
+# and races the server's own SQLite writes at start-up.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, FileNotFoundError)
 
@@ -29,14 +33,21 @@ def _runs_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get("NASH_RUNS_DIR", "runs"))
 
 
-def cmd_run(args) -> int:
-    cfg = load_config(args.config, args.set or [])
+def _load(args):
+    overrides = list(args.set or [])
     if args.iterations is not None:
-        cfg.run.iterations = args.iterations
+        overrides.append(f"run.iterations={args.iterations}")
+    return load_config(args.config, overrides)
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)
     preflight(cfg)
     run = RunDir.create(_runs_dir(args.runs_dir), cfg)
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
-    from flows.round import round_flow  # Prefect is imported only for commands that run flows
+    from flows.round import (
+        round_flow,  # Prefect is imported only for commands that run flows
+    )
 
     round_flow(run_dir=str(run.path), iterations=cfg.run.iterations)
     print_status(run)
@@ -44,9 +55,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    cfg = load_config(args.config, args.set or [])
-    if args.iterations is not None:
-        cfg.run.iterations = args.iterations
+    cfg = _load(args)
     run = RunDir.create(_runs_dir(args.runs_dir), cfg)
     from prefect import serve
 
@@ -60,8 +69,6 @@ def cmd_serve(args) -> int:
 
 
 def print_status(run: RunDir) -> None:
-    from flows.iteration import iteration_row
-
     rows = [iteration_row(it.manifest()) for it in run.iterations()]
     print(f"run {run.name}  ({run.path})")
     if not rows:

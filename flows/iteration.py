@@ -8,10 +8,15 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from nash import iteration as stages
+from nash.registry import iteration_row
 
 
 def artifact_key(*parts: str) -> str:
@@ -32,53 +37,25 @@ def progress_reporter(description: str, min_interval: float = 2.0):
     return report
 
 
-# Stages resume from their own files, so Prefect's result cache is not used.
-@task(name="sample", cache_policy=NO_CACHE)
-def sample_task(iter_dir: str) -> str:
-    return stages.sample(iter_dir, progress_reporter(f"sampling {iter_dir}"))
+def stage_task(name: str, stage, reports_progress: bool = True):
+    """A Prefect task around one stage. Stages resume from their own files, so Prefect's
+    result cache is not used."""
+
+    @task(name=name, cache_policy=NO_CACHE)
+    def run_stage(iter_dir: str) -> str:
+        if reports_progress:
+            return stage(iter_dir, progress_reporter(f"{name}: {iter_dir}"))
+        return stage(iter_dir)
+
+    return run_stage
 
 
-@task(name="judge", cache_policy=NO_CACHE)
-def judge_task(iter_dir: str) -> str:
-    return stages.judge(iter_dir, progress_reporter(f"judging {iter_dir}"))
-
-
-@task(name="select-pairs", cache_policy=NO_CACHE)
-def select_pairs_task(iter_dir: str) -> str:
-    return stages.select(iter_dir)
-
-
-@task(name="train", cache_policy=NO_CACHE)
-def train_task(iter_dir: str) -> str:
-    return stages.train(iter_dir, progress_reporter(f"training {iter_dir}"))
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(iter_dir: str) -> str:
-    return stages.evaluate(iter_dir, progress_reporter(f"evaluating {iter_dir}"))
-
-
-@task(name="finalize", cache_policy=NO_CACHE)
-def finalize_task(iter_dir: str) -> str:
-    return stages.finalize(iter_dir)
-
-
-def iteration_row(manifest: dict) -> dict:
-    """One row of the per-iteration table (Prefect artifact and `nash status`)."""
-    m, p = manifest.get("metrics", {}), manifest.get("pairs", {})
-    fmt = lambda x: "-" if x is None else f"{x:.3f}"
-    return {
-        "iteration": manifest.get("iteration"),
-        "status": manifest.get("status", "missing"),
-        "prompts": p.get("prompts", "-"),
-        "candidates": manifest.get("stages", {}).get("sample", {}).get("candidates", "-"),
-        "pairs kept": p.get("pairs", "-"),
-        "prompts dropped": p.get("prompts_dropped", "-"),
-        "pass rate": fmt(m.get("pass_rate")),
-        "pass rate π_0": fmt(m.get("initial_pass_rate")),
-        "win rate vs π_0": fmt(m.get("win_rate_vs_initial")),
-        "seconds": round(sum(manifest.get("timings", {}).values())),
-    }
+sample_task = stage_task("sample", stages.sample)
+judge_task = stage_task("judge", stages.judge)
+select_pairs_task = stage_task("select-pairs", stages.select, reports_progress=False)
+train_task = stage_task("train", stages.train)
+evaluate_task = stage_task("evaluate", stages.evaluate)
+finalize_task = stage_task("finalize", stages.finalize, reports_progress=False)
 
 
 @flow(name="nash-iteration")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.iteration import artifact_key, iteration_flow, iteration_row
+from flows.iteration import artifact_key, iteration_flow
 from nash import iteration as stages
-from nash.registry import RunDir
+from nash.registry import RunDir, iteration_row
 
 
 def summary_markdown(run: RunDir) -> str:
@@ -23,7 +22,13 @@ def summary_markdown(run: RunDir) -> str:
     return f"# Run `{run.name}`\n\n{run.path}\n\n" + "\n".join(lines) + "\n"
 
 
-@flow(name="nash-round")
+def _round_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"{Path(flow_run.parameters['run_dir']).name}-round"
+
+
+@flow(name="nash-round", flow_run_name=_round_run_name)
 def round_flow(run_dir: str, iterations: int) -> list[str]:
     log = get_run_logger()
     run = RunDir(run_dir)

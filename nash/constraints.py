@@ -8,8 +8,8 @@ share of its prompt's constraints it satisfies. A constraint is stored as plain 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 _BULLET = re.compile(r"^\s*[-*•]\s+\S")
 

@@ -14,15 +14,24 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from judges import build_judge
-from nash import evaluation, prompts as prompt_sources
+from nash import evaluation
+from nash import prompts as prompt_sources
 from nash.judging import judge_samples, outcome_counts
 from nash.pairs import select_pairs
 from nash.policy import resolve_policy
-from nash.records import Judgment, Pair, Prompt, Sample, read_jsonl, write_jsonl, write_json
+from nash.records import (
+    Judgment,
+    Pair,
+    Prompt,
+    Sample,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from nash.registry import IterationDir, RunDir, now, package_versions
 from nash.sampling import Progress, SamplingParams, build_sampler
 from nash.training import train_dpo

@@ -41,8 +41,27 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def iteration_row(manifest: dict) -> dict:
+    """One row of the per-iteration table (Prefect artifact and `nash status`)."""
+    m, p = manifest.get("metrics", {}), manifest.get("pairs", {})
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+    return {
+        "iteration": manifest.get("iteration"),
+        "status": manifest.get("status", "missing"),
+        "prompts": p.get("prompts", "-"),
+        "candidates": manifest.get("stages", {}).get("sample", {}).get("candidates", "-"),
+        "pairs kept": p.get("pairs", "-"),
+        "prompts dropped": p.get("prompts_dropped", "-"),
+        "pass rate": fmt(m.get("pass_rate")),
+        "pass rate π_0": fmt(m.get("initial_pass_rate")),
+        "win rate vs π_0": fmt(m.get("win_rate_vs_initial")),
+        "seconds": round(sum(manifest.get("timings", {}).values())),
+    }
+
+
 class IterationDir:
-    def __init__(self, run: "RunDir", index: int):
+    def __init__(self, run: RunDir, index: int):
         self.run = run
         self.index = index
         self.path = run.path / f"iter_{index:03d}"
@@ -56,7 +75,7 @@ class IterationDir:
     manifest_path = property(lambda self: self.path / "manifest.json")
 
     @classmethod
-    def from_path(cls, path: str | Path) -> "IterationDir":
+    def from_path(cls, path: str | Path) -> IterationDir:
         path = Path(path)
         try:
             index = int(path.name.removeprefix("iter_"))
@@ -98,7 +117,7 @@ class RunDir:
     baseline_dir = property(lambda self: self.path / "baseline")
 
     @classmethod
-    def create(cls, runs_dir: str | Path, cfg: Config) -> "RunDir":
+    def create(cls, runs_dir: str | Path, cfg: Config) -> RunDir:
         """Create the run, or reopen it when its resolved config is the same."""
         run = cls(Path(runs_dir) / cfg.run.name)
         if run.config_path.is_file():

@@ -6,8 +6,9 @@ so the same interface fits transformers, vLLM and an OpenAI-compatible server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from tqdm.auto import tqdm
 

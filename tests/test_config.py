@@ -86,3 +86,8 @@ def test_cli_names_a_missing_prompts_file_or_policy_dir(tmp_path, capsys):
     assert main(["run", str(cfg), "--runs-dir", str(tmp_path), "--set", "policy.model=./no/such/dir"]) == 2
     assert "policy.model: directory not found: ./no/such/dir" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_cli_rejects_zero_iterations(tmp_path, capsys):
+    assert main(["run", str(ROOT / "configs" / "default.yaml"), "--iterations", "0", "--runs-dir", str(tmp_path)]) == 2
+    assert "run.iterations: Input should be greater than or equal to 1" in capsys.readouterr().err

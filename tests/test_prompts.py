@@ -3,7 +3,13 @@ import json
 import pytest
 
 from nash import constraints
-from nash.prompts import PromptError, builtin_prompts, eval_split, load_prompts, partition
+from nash.prompts import (
+    PromptError,
+    builtin_prompts,
+    eval_split,
+    load_prompts,
+    partition,
+)
 
 
 def test_builtin_is_deterministic_and_verifiable():
