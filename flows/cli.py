@@ -42,7 +42,7 @@ def _load(args):
 
 def cmd_run(args) -> int:
     cfg = _load(args)
-    preflight(cfg)
+    preflight(cfg, RunDir(_runs_dir(args.runs_dir) / cfg.run.name))
     run = RunDir.create(_runs_dir(args.runs_dir), cfg)
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
     from flows.round import (
@@ -56,6 +56,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     cfg = _load(args)
+    preflight(cfg, RunDir(_runs_dir(args.runs_dir) / cfg.run.name))
     run = RunDir.create(_runs_dir(args.runs_dir), cfg)
     from prefect import serve
 

@@ -57,13 +57,11 @@ def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dic
     return str(output)
 
 
-def _eval_prompts_path(run: RunDir) -> Path:
-    return run.path / "eval_prompts.jsonl"
-
-
-def preflight(cfg) -> None:
-    """Fail fast, before any flow starts, on a prompt source or policy that cannot load."""
-    prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field)
+def preflight(cfg, run: RunDir) -> None:
+    """Fail fast, before any flow starts: prompts that cannot load or run out, a missing policy."""
+    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field)
+    last = run.next_iteration().index + cfg.run.iterations - 1
+    prompt_sources.partition(all_prompts, last, cfg.prompts.partition_size, cfg.prompts.seed)
     resolve_policy(cfg.policy.model)
 
 
@@ -76,8 +74,8 @@ def prepare(run_dir: str) -> str:
         it.update_manifest(status="running", error=None, traceback=None)
         return str(it.path)
     all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field)
-    if not _eval_prompts_path(run).is_file():
-        write_jsonl(_eval_prompts_path(run), prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts))
+    if not run.eval_prompts.is_file():
+        write_jsonl(run.eval_prompts, prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts))
     part = prompt_sources.partition(all_prompts, it.index, cfg.prompts.partition_size, cfg.prompts.seed)
     parent = run.last_complete()
     parent_policy = str(parent.policy) if parent else resolve_policy(cfg.policy.model)
@@ -173,7 +171,7 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
     run, cfg = it.run, it.run.config()
 
     def work():
-        held_out = read_jsonl(_eval_prompts_path(run), Prompt)
+        held_out = read_jsonl(run.eval_prompts, Prompt)
         judge_ = build_judge(cfg)
         base_dir = run.baseline_dir / "eval"
         base = evaluation.answer_and_judge(resolve_policy(cfg.policy.model), held_out, cfg, judge_,

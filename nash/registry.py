@@ -115,6 +115,7 @@ class RunDir:
     name = property(lambda self: self.path.name)
     config_path = property(lambda self: self.path / "run.json")
     baseline_dir = property(lambda self: self.path / "baseline")
+    eval_prompts = property(lambda self: self.path / "eval_prompts.jsonl")
 
     @classmethod
     def create(cls, runs_dir: str | Path, cfg: Config) -> RunDir:

@@ -91,3 +91,9 @@ def test_cli_names_a_missing_prompts_file_or_policy_dir(tmp_path, capsys):
 def test_cli_rejects_zero_iterations(tmp_path, capsys):
     assert main(["run", str(ROOT / "configs" / "default.yaml"), "--iterations", "0", "--runs-dir", str(tmp_path)]) == 2
     assert "run.iterations: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_run_longer_than_the_fresh_prompts(tmp_path, capsys):
+    cfg = ROOT / "configs" / "default.yaml"
+    assert main(["run", str(cfg), "--runs-dir", str(tmp_path), "--iterations", "6", "--set", "prompts.partition_size=64"]) == 2
+    assert "prompts.partition_size: 336 training prompts give only 5 fresh partitions of 64" in capsys.readouterr().err
