@@ -12,6 +12,8 @@ import itertools
 import random
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from nash import constraints
 from nash.records import Prompt
 
@@ -126,7 +128,10 @@ def _load_hf(spec: str) -> list[dict]:
     import datasets
 
     name, _, split = spec.partition(":")
-    return list(datasets.load_dataset(name, split=split or "train"))
+    try:
+        return list(datasets.load_dataset(name, split=split or "train"))
+    except Exception as e:  # offline, unknown id, bad split: all the user's to fix
+        raise PromptError(f"prompts.source: cannot load dataset {name!r} (split {split or 'train'!r}): {e}") from None
 
 
 def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fraction: float) -> list[Prompt]:
@@ -138,10 +143,14 @@ def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fractio
                 constraints.validate(c)
             except constraints.ConstraintError as e:
                 raise PromptError(f"{where}: row {i + 1}: {e}") from None
-        prompts.append(
-            Prompt(id=str(row.get("id", i)), text=str(row[field]), constraints=cons,
-                   topic=row.get("topic"), split=row.get("split", "train"))
-        )
+        try:
+            prompts.append(
+                Prompt(id=str(row.get("id", i)), text=str(row[field]), constraints=cons,
+                       topic=row.get("topic"), split=row.get("split", "train"))
+            )
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise PromptError(f"{where}: row {i + 1}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     if not any(p.split == "eval" for p in prompts):
         # No split given: hold out a seeded share for evaluation.
         order = list(range(len(prompts)))
