@@ -33,17 +33,18 @@ def _runs_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get("NASH_RUNS_DIR", "runs"))
 
 
-def _load(args):
+def _open_run(args):
+    """Config from file and flags, checked before anything is created, then its run directory."""
     overrides = list(args.set or [])
     if args.iterations is not None:
         overrides.append(f"run.iterations={args.iterations}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    preflight(cfg, RunDir(_runs_dir(args.runs_dir) / cfg.run.name))
+    return cfg, RunDir.create(_runs_dir(args.runs_dir), cfg)
 
 
 def cmd_run(args) -> int:
-    cfg = _load(args)
-    preflight(cfg, RunDir(_runs_dir(args.runs_dir) / cfg.run.name))
-    run = RunDir.create(_runs_dir(args.runs_dir), cfg)
+    cfg, run = _open_run(args)
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
     from flows.round import (
         round_flow,  # Prefect is imported only for commands that run flows
@@ -55,9 +56,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    cfg = _load(args)
-    preflight(cfg, RunDir(_runs_dir(args.runs_dir) / cfg.run.name))
-    run = RunDir.create(_runs_dir(args.runs_dir), cfg)
+    cfg, run = _open_run(args)
     from prefect import serve
 
     from flows.round import round_deployment
