@@ -1,17 +1,51 @@
-"""Judges: one protocol (`judges.base.Judge`), one module per judge family."""
+"""Judges: one protocol (`judges.base.Judge`), one module per judge family, chosen by `judge.kind`."""
 
 from __future__ import annotations
 
-from judges.base import Judge
+from judges.base import Budget, BudgetExhausted, Judge
 
 
-def build_judge(cfg) -> Judge:
-    """Build the judge named by `cfg.judge.kind`."""
-    if cfg.judge.kind == "rules":
+def build_judge(cfg, policy_path: str | None = None) -> Judge:
+    """Build the judge that `cfg` (a `judge` config section) names.
+
+    `policy_path` is the policy the `self` judge uses: the one that sampled the candidates.
+    """
+    kind = cfg.kind
+    if kind == "rules":
         from judges.rules import RulesJudge
 
         return RulesJudge()
-    raise ValueError(f"judge.kind: unknown judge {cfg.judge.kind!r}")
+    if kind == "reward_model":
+        from judges.reward_model import RewardModelJudge
+
+        return RewardModelJudge(cfg)
+    if kind == "composite":
+        from judges.composite import CompositeJudge
+
+        return CompositeJudge([build_judge(c, policy_path) for c in cfg.components], cfg.weights)
+    from judges.cache import JudgmentCache, cache_key
+    from judges.lm import LMJudge
+    from nash.policy import cache_dir
+
+    budget = Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd)
+    if kind == "openai":
+        from judges.openai_judge import OpenAIBackend, read_api_key
+
+        backend, concurrency = OpenAIBackend(cfg, read_api_key(cfg)), cfg.concurrency
+    elif kind in ("self", "hf"):
+        from judges.local import LocalBackend
+        from nash.policy import resolve_policy
+
+        if kind == "self" and policy_path is None:
+            raise ValueError("judge.kind=self needs the policy that sampled the candidates")
+        model = policy_path if kind == "self" else resolve_policy(cfg.model)
+        backend, concurrency = LocalBackend(model, getattr(cfg, "dtype", "float32"), cfg.batch_size), 1
+    else:
+        raise ValueError(f"judge.kind: unknown judge {kind!r}")
+    cache = None
+    if cfg.cache:
+        cache = JudgmentCache(cache_dir() / "judgments" / f"{cache_key(backend.identity, None)[:16]}.jsonl")
+    return LMJudge(kind, backend, cfg, cache=cache, budget=budget, concurrency=concurrency)
 
 
-__all__ = ["Judge", "build_judge"]
+__all__ = ["Budget", "BudgetExhausted", "Judge", "build_judge"]

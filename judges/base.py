@@ -1,12 +1,16 @@
-"""The judge protocol: score the K candidates of one prompt.
+"""The judge protocol, and what every judge shares: usage accounting and the budget.
 
-A judge returns one `Judgment` per candidate, in order. A candidate the judge could not
-score is a `failed` judgment, never a made-up score, so pair selection can leave it out
-and the manifest can count it.
+A judge scores the K candidates of one prompt (pointwise, as Self-Rewarding and DNO do),
+returning one `Judgment` per candidate in order. Judges that can also compare two
+candidates directly implement `compare`. A candidate the judge could not score is a
+`failed` judgment with the raw reply and the error, never a made-up score, so pair
+selection leaves it out and the manifest counts it.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from nash.records import Judgment, Prompt
@@ -14,6 +18,36 @@ from nash.records import Judgment, Prompt
 
 class Judge(Protocol):
     name: str
+    concurrency: int  # prompts judged at once
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
         ...
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised before a request that the judging budget no longer allows."""
+
+
+@dataclass
+class Budget:
+    """Tokens and dollars spent by one judging stage, with optional limits. Thread-safe."""
+
+    max_tokens: int | None = None
+    max_usd: float | None = None
+    tokens: int = 0
+    usd: float = 0.0
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        with self._lock:
+            if self.max_tokens is not None and self.tokens >= self.max_tokens:
+                raise BudgetExhausted(f"judge.budget_tokens={self.max_tokens} spent ({self.tokens} tokens)")
+            if self.max_usd is not None and self.usd >= self.max_usd:
+                raise BudgetExhausted(f"judge.budget_usd={self.max_usd} spent (${self.usd:.4f})")
+
+    def add(self, tokens: int, usd: float) -> None:
+        with self._lock:
+            self.tokens += tokens
+            self.usd += usd

@@ -8,6 +8,7 @@ from nash.records import Judgment, Prompt
 
 class RulesJudge:
     name = "rules"
+    concurrency = 1
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
         if not prompt.constraints:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nash.policy import EMBEDDED
 
@@ -52,8 +52,80 @@ class SamplingSection(Section):
     batch_size: int = Field(64, ge=1, description="Sequences per generate() call.")
 
 
-class JudgeSection(Section):
+class RulesJudge(Section):
     kind: Literal["rules"] = "rules"
+
+
+class _LMJudge(Section):
+    """Keys shared by judges that write a verdict as text (openai, self, hf)."""
+
+    protocol: Literal["pointwise", "batched", "pairwise"] = Field(
+        "pointwise",
+        description="pointwise: one request per candidate (Self-Rewarding); batched: all candidates of a "
+        "prompt in one request, JSON reply (DNO); pairwise: every pair in both orders, agreement only.",
+    )
+    template: str | None = Field(None, description="Prompt template file; default: the protocol's own in judges/prompts/.")
+    repeats: int = Field(1, ge=1, description="Pointwise: judge each candidate this many times and average.")
+    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(512, ge=1, description="Reply length limit.")
+    parse_retries: int = Field(2, ge=0, description="Re-asks after a malformed reply before recording `failed`.")
+    cache: bool = Field(True, description="Reuse replies from the on-disk judgment cache.")
+    budget_tokens: int | None = Field(None, ge=1, description="Stop judging once this many tokens are spent.")
+    budget_usd: float | None = Field(None, gt=0, description="Stop judging once this much is spent.")
+    price_input_per_mtok: float = Field(0.0, ge=0.0, description="USD per million prompt tokens.")
+    price_output_per_mtok: float = Field(0.0, ge=0.0, description="USD per million completion tokens.")
+
+
+class OpenAIJudge(_LMJudge):
+    kind: Literal["openai"]
+    model: str = Field("gpt-4-turbo", description="Model name as the server knows it.")
+    base_url: str | None = Field(None, description="Any OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable that holds the API key.")
+    api_key_secret: str | None = Field(None, description="Prefect Secret block holding the key (used when set).")
+    concurrency: int = Field(8, ge=1, description="Prompts judged at once.")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0, description="Client retries on 429, 5xx and timeouts (backoff, Retry-After).")
+    price_input_per_mtok: float = 10.0  # GPT-4-Turbo list prices
+    price_output_per_mtok: float = 30.0
+
+
+class SelfJudge(_LMJudge):
+    kind: Literal["self"]
+    batch_size: int = Field(16, ge=1)
+
+
+class HFJudge(_LMJudge):
+    kind: Literal["hf"]
+    model: str = Field(..., description="Local directory or hub id of a causal LM.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(16, ge=1)
+
+
+class RewardModelJudge(Section):
+    kind: Literal["reward_model"]
+    model: str = Field(..., description="Sequence-classification reward model: local directory or hub id.")
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(1024, ge=16)
+
+
+class CompositeJudge(Section):
+    kind: Literal["composite"]
+    components: list[JudgeSection] = Field(..., min_length=1)
+    weights: list[float] | None = Field(None, description="One per component; default equal.")
+
+    @model_validator(mode="after")
+    def _weights_match(self):
+        if self.weights is not None and len(self.weights) != len(self.components):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.components)} components")
+        return self
+
+
+JudgeSection = Annotated[
+    RulesJudge | OpenAIJudge | SelfJudge | HFJudge | RewardModelJudge | CompositeJudge,
+    Field(discriminator="kind"),
+]
+JUDGE_KINDS = ("rules", "openai", "self", "hf", "reward_model", "composite")
+CompositeJudge.model_rebuild()
 
 
 class PairsSection(Section):
@@ -86,7 +158,7 @@ class Config(Section):
     policy: PolicySection = PolicySection()
     prompts: PromptsSection = PromptsSection()
     sampling: SamplingSection = SamplingSection()
-    judge: JudgeSection = JudgeSection()
+    judge: JudgeSection = RulesJudge()
     pairs: PairsSection = PairsSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
@@ -167,7 +239,10 @@ def validate_config(data: dict, lines: dict[str, str] | None = None) -> Config:
     except ValidationError as e:
         msgs = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            # Drop the union tag pydantic puts in the path (judge.openai.model -> judge.model).
+            key = ".".join(str(p) for p in err["loc"] if p not in JUDGE_KINDS)
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                key += ".kind"
             where = (lines or {}).get(key)
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             msgs.append(f"{where + ': ' if where else ''}{key}: {msg}")

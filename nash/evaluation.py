@@ -40,11 +40,13 @@ def answer_and_judge(
             for p, c in zip(prompts, completions)
         ]
         write_jsonl(samples_path, samples)
-    return judge_samples(judge, {p.id: p for p in prompts}, samples, out_dir / "judgments.jsonl")
+    judgments, _ = judge_samples(judge, {p.id: p for p in prompts}, samples, out_dir / "judgments.jsonl")
+    return judgments
 
 
 def summarize(judgments: list[Judgment], samples_path: Path | None = None) -> dict:
     scored = [j for j in judgments if j.outcome == "scored"]
+    checked = [j for j in scored if j.details.get("passed")]
     per_constraint: dict[str, list[bool]] = defaultdict(list)
     for j in scored:
         for name, ok in j.details.get("passed", {}).items():
@@ -54,7 +56,8 @@ def summarize(judgments: list[Judgment], samples_path: Path | None = None) -> di
         "n": len(scored),
         "failed": len(judgments) - len(scored),
         "mean_score": sum(j.score for j in scored) / len(scored) if scored else None,
-        "pass_rate": sum(j.score == 1.0 for j in scored) / len(scored) if scored else None,
+        # Pass rates exist only for judges that check constraints (rules, or rules in a composite).
+        "pass_rate": sum(all(j.details["passed"].values()) for j in checked) / len(checked) if checked else None,
         "constraint_pass_rate": sum(checks) / len(checks) if checks else None,
         "per_constraint": {k: round(sum(v) / len(v), 4) for k, v in sorted(per_constraint.items())},
     }

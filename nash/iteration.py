@@ -123,9 +123,11 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
 
     def work():
         parts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
-        judgments = judge_samples(build_judge(cfg), parts, read_jsonl(it.samples, Sample), it.judgments, progress)
-        it.update_manifest(judge_outcomes=outcome_counts(judgments))
-        return outcome_counts(judgments)
+        judge_ = build_judge(cfg.judge, policy_path=it.manifest()["parent_policy"]["path"])
+        judgments, info = judge_samples(judge_, parts, read_jsonl(it.samples, Sample), it.judgments, progress)
+        counts = outcome_counts(judgments)
+        it.update_manifest(judge_outcomes=counts, judge_stop=info)
+        return {**counts, **info}
 
     return _run_stage(it, "judge", it.judgments, work)
 
@@ -172,7 +174,8 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
 
     def work():
         held_out = read_jsonl(run.eval_prompts, Prompt)
-        judge_ = build_judge(cfg)
+        # A fixed judge for every iteration's evaluation: `self` judging means π_0 judging.
+        judge_ = build_judge(cfg.judge, policy_path=resolve_policy(cfg.policy.model))
         base_dir = run.baseline_dir / "eval"
         base = evaluation.answer_and_judge(resolve_policy(cfg.policy.model), held_out, cfg, judge_,
                                            base_dir, "iter_000", progress)
@@ -184,6 +187,7 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
             "eval": evaluation.summarize(new, it.eval_dir / "samples.jsonl"),
             "initial": evaluation.summarize(base, base_dir / "samples.jsonl"),
             "win_rate_vs_initial": evaluation.win_rate(new, base),
+            "eval_judge_usage": outcome_counts(base + new),
             "train": manifest.get("train", {}),
             "pairs": manifest.get("pairs", {}),
         }

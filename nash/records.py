@@ -39,15 +39,28 @@ class Sample(Record):
 
 
 class Judgment(Record):
-    """One judge result for one candidate (judgments.jsonl, append-only)."""
+    """One judge result (judgments.jsonl, append-only).
+
+    Pointwise: `candidate` is `scored` with a `score`, or `failed`. Pairwise: `candidate`
+    against `other` ends `preferred` (with `winner`), `tie`, or `failed`. A failure keeps
+    the judge's raw reply and the error, and is never turned into a preference.
+    """
 
     prompt_id: str
     candidate: int
     judge: str
-    outcome: Literal["scored", "failed"]
+    outcome: Literal["scored", "preferred", "tie", "failed"]
     score: float | None = None
+    other: int | None = None
+    winner: int | None = None
     details: dict[str, Any] = {}
     raw: str | None = None
+    error: str | None = None
+    requests: int = 0
+    cached: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
 
 
 class Pair(Record):

@@ -61,14 +61,14 @@ class TransformersSampler:
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
 
-    def generate(self, prompts, params, progress=None):
+    def generate(self, prompts, params, progress=None, show_progress=True):
         torch, tok = self.torch, self.tokenizer
         texts = [self.chat_text(p) for p in prompts]
         lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
         jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(params.n)), key=lambda j: lengths[j[0]])
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         greedy = params.temperature == 0.0
-        bar = tqdm(total=len(jobs), desc="sampling", unit="seq", leave=False)
+        bar = tqdm(total=len(jobs), desc="sampling", unit="seq", leave=False, disable=not show_progress)
         for b, start in enumerate(range(0, len(jobs), self.batch_size)):
             batch = jobs[start : start + self.batch_size]
             enc = tok([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)

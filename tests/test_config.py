@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from nash.config import Config, ConfigError, load_config
+from nash.config import Config, ConfigError, RulesJudge, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,8 @@ def test_default_yaml_is_complete_and_valid():
     written = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     # Every key of every section is written out in the default file.
     for section, fields in Config.model_fields.items():
-        assert set(written[section]) == set(fields.annotation.model_fields), section
+        model = RulesJudge if section == "judge" else fields.annotation
+        assert set(written[section]) == set(model.model_fields), section
     assert cfg.judge.kind == "rules"
 
 
@@ -44,7 +45,7 @@ def test_unknown_section(tmp_path):
 def test_set_overrides_are_typed_and_validated():
     cfg = load_config(None, ["sampling.n=6", "train.learning_rate=1e-5", "run.name=abc"])
     assert cfg.sampling.n == 6 and cfg.train.learning_rate == 1e-5 and cfg.run.name == "abc"
-    with pytest.raises(ConfigError, match="--set: judge.kind"):
+    with pytest.raises(ConfigError, match="--set: judge.kind: Input tag 'nope'"):
         load_config(None, ["judge.kind=nope"])
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config(None, ["sampling.n"])
@@ -97,3 +98,14 @@ def test_cli_refuses_a_run_longer_than_the_fresh_prompts(tmp_path, capsys):
     cfg = ROOT / "configs" / "default.yaml"
     assert main(["run", str(cfg), "--runs-dir", str(tmp_path), "--iterations", "6", "--set", "prompts.partition_size=64"]) == 2
     assert "prompts.partition_size: 336 training prompts give only 5 fresh partitions of 64" in capsys.readouterr().err
+
+
+def test_each_judge_kind_has_its_own_keys():
+    cfg = load_config(None, ["judge.kind=openai", "judge.base_url=http://127.0.0.1:9/v1", "judge.protocol=batched"])
+    assert cfg.judge.kind == "openai" and cfg.judge.model == "gpt-4-turbo" and cfg.judge.protocol == "batched"
+    with pytest.raises(ConfigError, match="--set: judge.base_url: unknown key"):
+        load_config(None, ["judge.kind=rules", "judge.base_url=http://x"])
+    with pytest.raises(ConfigError, match="judge.model: Field required"):
+        load_config(None, ["judge.kind=hf"])
+    with pytest.raises(ConfigError, match="weights has 1 entries for 2 components"):
+        load_config(None, ["judge={kind: composite, components: [{kind: rules}, {kind: rules}], weights: [1]}"])

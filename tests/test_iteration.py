@@ -25,7 +25,8 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
             assert m["files"][name] == sha256_file(it.path / name)
         samples = read_jsonl(it.samples, Sample)
         assert len(samples) == 6 * 4 and len(read_jsonl(it.judgments, Judgment)) == 24
-        assert m["judge_outcomes"] == {"scored": 24, "failed": 0}
+        assert m["judge_outcomes"]["scored"] == 24 and m["judge_outcomes"]["failed"] == 0
+        assert m["judge_stop"] == {"unjudged_prompts": 0, "budget_stop": None}
         assert m["pairs"]["pairs"] == len(read_jsonl(it.pairs, Pair)) > 0
         assert set(m["timings"]) == set(iteration.STAGES) and "transformers" in m["packages"]
         metrics = json.loads(it.metrics.read_text())

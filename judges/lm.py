@@ -1,0 +1,291 @@
+"""Judges that write their verdict as text: the protocols of the papers over any backend.
+
+- pointwise: one request per candidate with the Self-Rewarding additive rubric; the reply
+  ends with `Score: <n>`; judged `repeats` times and averaged.
+- batched: all candidates of a prompt in one request with DNO's 6-point rubric; the reply
+  is a JSON object with `<id>_justification` and `<id>_score` for every candidate.
+- pairwise: every pair of candidates in both orders; a preference counts only when both
+  orders agree, otherwise it is a tie, which cancels position bias. A candidate's score is
+  its share of wins over the others (ties count half).
+
+The backend (an OpenAI-compatible server, or a local transformers model) only turns a list
+of chat requests into replies. Caching, the budget, and re-asking after a malformed reply
+live here, once for every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Protocol
+
+from judges.base import Budget
+from judges.cache import JudgmentCache, cache_key
+from nash.records import Judgment, Prompt
+
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+DEFAULT_TEMPLATES = {
+    "pointwise": "self_rewarding.txt",
+    "batched": "dno_batched.txt",
+    "pairwise": "pairwise.txt",
+}
+_SCORE = re.compile(r"Score:\s*\**\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
+_BETTER = re.compile(r"Better:\s*\**\s*(?:output\s*)?\(?\s*(a|b|tie)\b", re.IGNORECASE)
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cached: bool = False
+
+
+class Backend(Protocol):
+    identity: dict  # what makes its replies differ: model, server; never a secret
+
+    def complete(self, requests: list[list[dict]], temperature: float, max_tokens: int) -> list[Reply | Exception]:
+        """One reply (or the exception that stopped it) per chat request, in order."""
+        ...
+
+
+class ParseError(ValueError):
+    pass
+
+
+def parse_score(text: str, low: float, high: float) -> float:
+    found = _SCORE.findall(text)
+    if not found:
+        raise ParseError("no 'Score: <n>' in the reply")
+    value = float(found[-1])
+    if not low <= value <= high:
+        raise ParseError(f"score {value} outside {low}..{high}")
+    return value
+
+
+def parse_batched(text: str, ids: list[str], low: float, high: float) -> dict[str, float]:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        raise ParseError("no JSON object in the reply")
+    try:
+        obj = json.loads(text[start : end + 1])
+    except json.JSONDecodeError as e:
+        raise ParseError(f"malformed JSON: {e.msg}") from None
+    scores, missing = {}, []
+    for cid in ids:
+        value = obj.get(f"{cid}_score")
+        if isinstance(value, str):
+            value = float(value) if re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*", value) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            scores[cid] = float(value)
+        else:
+            missing.append(cid)
+    if missing:
+        raise ParseError(f"missing or invalid scores for {', '.join(missing)}", scores)
+    return scores
+
+
+def parse_preference(text: str) -> str:
+    found = _BETTER.findall(text)
+    if not found:
+        raise ParseError("no 'Better: a|b|tie' in the reply")
+    return found[-1].lower()
+
+
+def candidate_ids(k: int) -> list[str]:
+    return [string.ascii_uppercase[i] if i < 26 else f"C{i}" for i in range(k)]
+
+
+class LMJudge:
+    SCALES = {"pointwise": (0.0, 5.0), "batched": (1.0, 6.0), "pairwise": (0.0, 1.0)}
+
+    def __init__(self, name: str, backend: Backend, cfg, cache: JudgmentCache | None = None,
+                 budget: Budget | None = None, concurrency: int = 1):
+        self.name = name
+        self.backend = backend
+        self.cfg = cfg
+        self.protocol = cfg.protocol
+        path = Path(cfg.template) if cfg.template else PROMPTS_DIR / DEFAULT_TEMPLATES[cfg.protocol]
+        if not path.is_file():
+            raise FileNotFoundError(f"judge.template: file not found: {path}")
+        self.template = string.Template(path.read_text(encoding="utf-8"))
+        self.cache = cache
+        self.budget = budget or Budget()
+        self.concurrency = concurrency
+        self.identity = {**backend.identity, "protocol": cfg.protocol, "template": self.template.template,
+                         "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+
+    # -- requests: cache, budget, re-asking ---------------------------------------------
+
+    def _cost(self, reply: Reply) -> float:
+        return (reply.tokens_in * self.cfg.price_input_per_mtok + reply.tokens_out * self.cfg.price_output_per_mtok) / 1e6
+
+    def _ask(self, requests: list[tuple[str, int]], parse: Callable[[str, int], object]) -> list[dict]:
+        """Ask each (text, repeat) request until its reply parses or the re-asks run out.
+
+        Returns, per request: parsed value (or None), last raw reply, error, and usage.
+        Raises BudgetExhausted before a request the budget no longer allows.
+        """
+        results = [dict(value=None, raw=None, error=None, requests=0, cached=0, tokens_in=0, tokens_out=0, cost_usd=0.0)
+                   for _ in requests]
+        pending = list(range(len(requests)))
+        for _attempt in range(self.cfg.parse_retries + 1):
+            if not pending:
+                break
+            to_send, keys = [], {}
+            for i in pending:
+                text, repeat = requests[i]
+                messages = [{"role": "user", "content": text}]
+                key = cache_key(self.identity, messages, repeat)
+                hit = self.cache.get(key) if self.cache else None
+                if hit is not None:
+                    results[i]["cached"] += 1
+                    self._accept(i, Reply(**hit, cached=True), parse, results)
+                    continue
+                keys[i] = key
+                to_send.append(i)
+            if to_send:
+                self.budget.check()
+                replies = self.backend.complete(
+                    [[{"role": "user", "content": requests[i][0]}] for i in to_send],
+                    self.cfg.temperature, self.cfg.max_tokens,
+                )
+                for i, reply in zip(to_send, replies):
+                    if isinstance(reply, Exception):
+                        results[i]["error"] = f"{type(reply).__name__}: {reply}"
+                        results[i]["requests"] += 1
+                        continue
+                    cost = self._cost(reply)
+                    self.budget.add(reply.tokens_in + reply.tokens_out, cost)
+                    r = results[i]
+                    r["requests"] += 1
+                    r["tokens_in"] += reply.tokens_in
+                    r["tokens_out"] += reply.tokens_out
+                    r["cost_usd"] += cost
+                    if self._accept(i, reply, parse, results) and self.cache:
+                        self.cache.put(keys[i], {"text": reply.text, "tokens_in": reply.tokens_in,
+                                                 "tokens_out": reply.tokens_out})
+            # A transport failure already had the client's own retries; only malformed replies are re-asked.
+            pending = [i for i in pending if results[i]["value"] is None and results[i]["error"]
+                       and results[i]["error"].startswith("ParseError")]
+        return results
+
+    @staticmethod
+    def _accept(i: int, reply: Reply, parse, results: list[dict]) -> bool:
+        results[i]["raw"] = reply.text
+        try:
+            results[i]["value"] = parse(reply.text, i)
+            results[i]["error"] = None
+            return True
+        except ParseError as e:
+            results[i]["error"] = f"ParseError: {e.args[0]}"
+            if len(e.args) > 1:
+                results[i]["partial"] = e.args[1]
+            return False
+
+    def _judgment(self, prompt: Prompt, candidate: int, r: dict, **fields) -> Judgment:
+        usage = {k: r[k] for k in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+        return Judgment(prompt_id=prompt.id, candidate=candidate, judge=self.name, raw=r["raw"], **usage, **fields)
+
+    # -- protocols ---------------------------------------------------------------------
+
+    def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
+        return getattr(self, f"_score_{self.protocol}")(prompt, candidates)
+
+    def _score_pointwise(self, prompt, candidates):
+        low, high = self.SCALES["pointwise"]
+        reqs = [(self.template.safe_substitute(instruction=prompt.text, response=c), rep)
+                for c in candidates for rep in range(self.cfg.repeats)]
+        results = self._ask(reqs, lambda text, _i: parse_score(text, low, high))
+        out = []
+        for k in range(len(candidates)):
+            rs = results[k * self.cfg.repeats : (k + 1) * self.cfg.repeats]
+            merged = {key: sum(r[key] for r in rs) for key in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+            merged["raw"] = rs[-1]["raw"]
+            values = [r["value"] for r in rs if r["value"] is not None]
+            if values:
+                out.append(self._judgment(prompt, k, merged, outcome="scored", score=sum(values) / len(values),
+                                          details={"scores": values}))
+            else:
+                out.append(self._judgment(prompt, k, merged, outcome="failed", error=rs[-1]["error"]))
+        return out
+
+    def _score_batched(self, prompt, candidates):
+        low, high = self.SCALES["batched"]
+        ids = candidate_ids(len(candidates))
+        block = "\n\n".join(f"[Candidate {cid}]\n{text}" for cid, text in zip(ids, candidates))
+        text = self.template.safe_substitute(instruction=prompt.text, candidates=block)
+        r = self._ask([(text, 0)], lambda t, _i: parse_batched(t, ids, low, high))[0]
+        scores = r["value"] or r.get("partial") or {}
+        out = []
+        for k, cid in enumerate(ids):
+            # The one request's usage is booked on candidate 0 so that sums stay exact.
+            usage = r if k == 0 else {**r, "requests": 0, "cached": 0, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0}
+            if cid in scores:
+                out.append(self._judgment(prompt, k, usage, outcome="scored", score=scores[cid], details={"id": cid}))
+            else:
+                out.append(self._judgment(prompt, k, usage, outcome="failed", details={"id": cid},
+                                          error=r["error"] or "missing score"))
+        return out
+
+    def _compare_requests(self, prompt, pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
+        reqs = []
+        for a, b in pairs:
+            reqs.append((self.template.safe_substitute(instruction=prompt.text, output_a=a, output_b=b), 0))
+            reqs.append((self.template.safe_substitute(instruction=prompt.text, output_a=b, output_b=a), 0))
+        return reqs
+
+    @staticmethod
+    def _agree(first: str | None, second: str | None) -> str | None:
+        """'a', 'b' or 'tie' from the verdicts of both orders (second one swapped back)."""
+        if first is None or second is None:
+            return None
+        second = {"a": "b", "b": "a", "tie": "tie"}[second]
+        return first if first == second else "tie"
+
+    def compare(self, prompt: Prompt, a: str, b: str) -> Judgment:
+        """Candidate 0 (`a`) against candidate 1 (`b`), asked in both orders."""
+        r1, r2 = self._ask(self._compare_requests(prompt, [(a, b)]), lambda t, _i: parse_preference(t))
+        return self._pair_judgment(prompt, 0, 1, r1, r2)
+
+    def _pair_judgment(self, prompt, i, j, r1, r2) -> Judgment:
+        usage = {k: r1[k] + r2[k] for k in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+        usage["raw"] = f"{r1['raw']}\n---\n{r2['raw']}" if r1["raw"] or r2["raw"] else None
+        verdict = self._agree(r1["value"], r2["value"])
+        details = {"orders": [r1["value"], r2["value"]]}
+        if verdict is None:
+            return self._judgment(prompt, i, usage, outcome="failed", other=j, details=details,
+                                  error=r1["error"] or r2["error"])
+        if verdict == "tie":
+            return self._judgment(prompt, i, usage, outcome="tie", other=j, details=details)
+        return self._judgment(prompt, i, usage, outcome="preferred", other=j, winner=i if verdict == "a" else j,
+                              details=details)
+
+    def _score_pairwise(self, prompt, candidates):
+        index_pairs = list(combinations(range(len(candidates)), 2))
+        results = self._ask(self._compare_requests(prompt, [(candidates[i], candidates[j]) for i, j in index_pairs]),
+                            lambda t, _i: parse_preference(t))
+        comparisons = [self._pair_judgment(prompt, i, j, results[2 * n], results[2 * n + 1])
+                       for n, (i, j) in enumerate(index_pairs)]
+        out = []
+        for k in range(len(candidates)):
+            mine = [c for c in comparisons if k in (c.candidate, c.other)]
+            usage = {key: sum(getattr(c, key) for c in comparisons if c.candidate == k)
+                     for key in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+            usage["raw"] = None
+            decided = [c for c in mine if c.outcome != "failed"]
+            record = [{"other": c.other if c.candidate == k else c.candidate, "outcome": c.outcome,
+                       "won": c.winner == k if c.outcome == "preferred" else None} for c in mine]
+            if not decided:
+                out.append(self._judgment(prompt, k, usage, outcome="failed", details={"comparisons": record},
+                                          error="every comparison failed"))
+                continue
+            wins = sum(c.winner == k for c in decided) + 0.5 * sum(c.outcome == "tie" for c in decided)
+            out.append(self._judgment(prompt, k, usage, outcome="scored", score=wins / len(decided),
+                                      details={"comparisons": record}))
+        return out

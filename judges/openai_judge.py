@@ -1,0 +1,74 @@
+"""The `openai` judge backend: the OpenAI client against api.openai.com or any
+OpenAI-compatible server (`vllm serve`, llama.cpp server, Ollama) through `base_url`.
+
+Retries on 429, 5xx and timeouts are the client's own: exponential backoff with jitter,
+honouring `Retry-After`. The API key comes from the environment variable named in
+`judge.api_key_env`, or from a Prefect Secret block named in `judge.api_key_secret`; it is
+held by the client only and scrubbed from any error text that is recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from judges.lm import Reply
+
+
+class MissingAPIKey(ValueError):
+    pass
+
+
+class RequestFailed(RuntimeError):
+    pass
+
+
+def read_api_key(cfg) -> str:
+    if cfg.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(cfg.api_key_secret).get()
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        return key
+    if cfg.base_url:
+        return "EMPTY"  # local OpenAI-compatible servers usually take any key
+    raise MissingAPIKey(
+        f"judge.api_key_env: environment variable {cfg.api_key_env} is not set "
+        "(or set judge.api_key_secret to a Prefect Secret block)"
+    )
+
+
+class OpenAIBackend:
+    def __init__(self, cfg, api_key: str):
+        import openai
+
+        self.identity = {"kind": "openai", "model": cfg.model, "base_url": cfg.base_url}
+        self._key = api_key
+        self.client = openai.OpenAI(api_key=api_key, base_url=cfg.base_url, timeout=cfg.timeout_s,
+                                    max_retries=cfg.max_retries)
+        self.model = cfg.model
+        self.concurrency = cfg.concurrency
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
+
+    def _one(self, messages, temperature, max_tokens):
+        try:
+            resp = self.client.chat.completions.create(
+                model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens
+            )
+            usage = resp.usage
+            return Reply(
+                text=resp.choices[0].message.content or "",
+                tokens_in=usage.prompt_tokens if usage else 0,
+                tokens_out=usage.completion_tokens if usage else 0,
+            )
+        except Exception as e:  # after the client's retries: recorded as a failed judgment
+            return RequestFailed(f"{type(e).__name__}: {self._scrub(str(e))}")
+
+    def complete(self, requests, temperature, max_tokens):
+        if len(requests) == 1:
+            return [self._one(requests[0], temperature, max_tokens)]
+        with ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
+            return list(pool.map(lambda m: self._one(m, temperature, max_tokens), requests))

@@ -1,0 +1,47 @@
+"""The `reward_model` judge: a sequence-classification model gives each candidate a scalar."""
+
+from __future__ import annotations
+
+from nash.records import Judgment, Prompt
+
+
+class RewardModelJudge:
+    name = "reward_model"
+    concurrency = 1
+
+    def __init__(self, cfg):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from nash.policy import resolve_policy
+
+        path = resolve_policy(cfg.model)
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"judge.model: {cfg.model} has {self.model.config.num_labels} labels; a reward model has 1")
+        self.cfg = cfg
+
+    def _text(self, prompt: str, response: str) -> str:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return f"{prompt}\n\n{response}"
+
+    def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
+        texts = [self._text(prompt.text, c) for c in candidates]
+        scores = []
+        for start in range(0, len(texts), self.cfg.batch_size):
+            enc = self.tokenizer(texts[start : start + self.cfg.batch_size], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.cfg.max_length)
+            with self.torch.inference_mode():
+                scores += self.model(**enc).logits[:, 0].float().tolist()
+        return [
+            Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="scored", score=s)
+            for k, s in enumerate(scores)
+        ]
