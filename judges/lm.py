@@ -142,7 +142,7 @@ class LMJudge:
                 text, repeat = requests[i]
                 messages = [{"role": "user", "content": text}]
                 key = cache_key(self.identity, messages, repeat)
-                hit = self.cache.get(key) if self.cache else None
+                hit = self.cache.get(key) if self.cache is not None else None
                 if hit is not None:
                     results[i]["cached"] += 1
                     self._accept(i, Reply(**hit, cached=True), parse, results)
@@ -167,7 +167,7 @@ class LMJudge:
                     r["tokens_in"] += reply.tokens_in
                     r["tokens_out"] += reply.tokens_out
                     r["cost_usd"] += cost
-                    if self._accept(i, reply, parse, results) and self.cache:
+                    if self._accept(i, reply, parse, results) and self.cache is not None:
                         self.cache.put(keys[i], {"text": reply.text, "tokens_in": reply.tokens_in,
                                                  "tokens_out": reply.tokens_out})
             # A transport failure already had the client's own retries; only malformed replies are re-asked.

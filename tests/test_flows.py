@@ -8,6 +8,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from nash.config import load_config
+from nash.records import Judgment, read_jsonl
 from nash.registry import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,3 +71,45 @@ def test_scheduled_round_deployment_carries_only_paths(tmp_path):
     assert dep.name == "nightly-round"
     assert dep.parameters == {"run_dir": str(run.path.resolve()), "iterations": 3}
     assert dep.schedules[0].schedule.cron == "0 2 * * *"
+
+
+async def _flow_runs():
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_runs()
+
+
+def test_cli_iteration_with_the_openai_judge_never_leaks_the_key(
+    prefect_server, tmp_path, tiny_overrides, monkeypatch, capsys, caplog
+):
+    from flows.cli import main
+    from tests.openai_server import OpenAIServer
+
+    key = "sk-test-secret-4f1c9e"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
+    with OpenAIServer() as server:
+        server.script = [("401",)]  # an error whose text echoes the key must be recorded scrubbed
+        sets = [x for o in tiny_overrides + ["run.name=oa", "judge.kind=openai", f"judge.base_url={server.url}",
+                                             "judge.max_retries=0", "pairs.min_chosen_score=1",
+                                             "pairs.min_margin=1"] for x in ("--set", o)]
+        assert main(["run", str(ROOT / "configs" / "default.yaml"), "--iterations", "1",
+                     "--runs-dir", str(tmp_path / "runs"), *sets]) == 0
+        assert len(server.requests) > 24 and all(r["headers"]["authorization"] == f"Bearer {key}"
+                                                  for r in server.requests)
+    run = RunDir(tmp_path / "runs" / "oa")
+    it = run.iterations()[0]
+    m = it.manifest()
+    assert it.complete and m["judge_outcomes"]["failed"] == 1 and m["judge_outcomes"]["requests"] >= 24
+    assert m["judge_outcomes"]["cost_usd"] > 0
+    # The key is in no file of the run, no log line, no artifact and no flow-run parameter.
+    for path in run.path.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl"):
+            assert key not in path.read_text(), path
+    out = capsys.readouterr()
+    assert key not in out.out + out.err and key not in caplog.text
+    assert key not in json.dumps([a.model_dump(mode="json") for a in asyncio.run(_artifacts())])
+    assert key not in json.dumps([r.parameters for r in asyncio.run(_flow_runs())])
+    failed = [j for j in read_jsonl(it.judgments, Judgment) if j.outcome == "failed"]
+    assert "***" in failed[0].error

@@ -1,0 +1,103 @@
+"""A small OpenAI-compatible chat-completions server on loopback, scripted by the tests.
+
+`script` is a list of behaviours consumed one per request; when it is empty the default
+responder answers. Behaviours: ("ok", text), ("429", retry_after_s), ("500",),
+("slow", seconds, text), ("401",). Every request body and header is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def default_reply(prompt: str) -> str:
+    """Deterministic verdicts that follow the protocol the prompt asks for."""
+    if "<id>_score" in prompt:  # batched rubric
+        ids = re.findall(r"\[Candidate ([A-Z])\]", prompt)
+        blocks = re.split(r"\[Candidate [A-Z]\]\n", prompt.split("[Candidates]")[1])[1:]
+        obj = {}
+        for cid, block in zip(ids, blocks):
+            obj[f"{cid}_justification"] = "ok"
+            obj[f"{cid}_score"] = 1 + len(block.split("\n\nReply with")[0].strip()) % 6
+        return json.dumps(obj)
+    if "Better:" in prompt:  # pairwise: the shorter output wins, whatever its position
+        a = prompt.split("[Output (a)]\n")[1].split("\n\n[Output (b)]")[0]
+        b = prompt.split("[Output (b)]\n")[1].split("\n\nWhich output")[0]
+        return "Reasoning.\nBetter: " + ("a" if len(a) < len(b) else "b" if len(b) < len(a) else "tie")
+    response = prompt.split("<response>")[1].split("</response>")[0] if "<response>" in prompt else prompt
+    score = int(hashlib.sha256(response.encode()).hexdigest(), 16) % 6
+    return f"The response is fine.\nScore: {score}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _send(self, code: int, body: dict | str, headers: dict | None = None):
+        data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        srv = self.server.owner
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        with srv.lock:
+            srv.requests.append({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()}, "t": time.monotonic()})
+            behaviour = srv.script.pop(0) if srv.script else None
+        prompt = body["messages"][-1]["content"]
+        if behaviour is None:
+            behaviour = ("ok", srv.responder(prompt))
+        kind = behaviour[0]
+        if kind == "429":
+            return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                              {"Retry-After": str(behaviour[1])})
+        if kind == "500":
+            return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
+        if kind == "401":
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "auth"}})
+        if kind == "slow":
+            time.sleep(behaviour[1])
+            text = behaviour[2]
+        else:
+            text = behaviour[1]
+        self._send(200, {
+            "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
+                      "total_tokens": len(prompt.split()) + len(text.split())},
+        })
+
+
+class OpenAIServer:
+    def __init__(self, responder=default_reply):
+        self.responder = responder
+        self.script: list[tuple] = []
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.owner = self
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
