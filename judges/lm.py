@@ -117,8 +117,13 @@ class LMJudge:
         self.cache = cache
         self.budget = budget or Budget()
         self.concurrency = concurrency
+        # Probability-weighted scores: pointwise only, and only where the backend can read them.
+        self.weighted = None
+        if getattr(cfg, "weighted", False) and cfg.protocol == "pointwise":
+            low, high = self.SCALES["pointwise"]
+            self.weighted = (int(low), int(high))
         self.identity = {**backend.identity, "protocol": cfg.protocol, "template": self.template.template,
-                         "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+                         "temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "weighted": self.weighted}
 
     # -- requests: cache, budget, re-asking ---------------------------------------------
 
@@ -151,9 +156,10 @@ class LMJudge:
                 to_send.append(i)
             if to_send:
                 self.budget.check()
+                extra = {"weighted": self.weighted} if self.weighted else {}
                 replies = self.backend.complete(
                     [[{"role": "user", "content": requests[i][0]}] for i in to_send],
-                    self.cfg.temperature, self.cfg.max_tokens,
+                    self.cfg.temperature, self.cfg.max_tokens, **extra,
                 )
                 for i, reply in zip(to_send, replies):
                     if isinstance(reply, Exception):

@@ -89,16 +89,23 @@ class OpenAIJudge(_LMJudge):
     price_output_per_mtok: float = 30.0
 
 
-class SelfJudge(_LMJudge):
-    kind: Literal["self"]
+class _LocalJudge(_LMJudge):
+    weighted: bool = Field(
+        True,
+        description="Pointwise: prefill 'Score: ' and take the probability-weighted mean of the scale "
+        "(no generated justification). False: generate the full reply and parse its score.",
+    )
     batch_size: int = Field(16, ge=1)
 
 
-class HFJudge(_LMJudge):
+class SelfJudge(_LocalJudge):
+    kind: Literal["self"]
+
+
+class HFJudge(_LocalJudge):
     kind: Literal["hf"]
     model: str = Field(..., description="Local directory or hub id of a causal LM.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: int = Field(16, ge=1)
 
 
 class RewardModelJudge(Section):
@@ -129,7 +136,9 @@ CompositeJudge.model_rebuild()
 
 
 class PairsSection(Section):
-    rule: Literal["dno"] = "dno"
+    rule: Literal["dno", "max_min"] = Field(
+        "dno", description="dno: large-margin rule below; max_min: highest vs lowest, ties skipped (Self-Rewarding)."
+    )
     min_chosen_score: float = Field(0.5, description="Chosen must score at least this.")
     min_margin: float = Field(0.5, gt=0.0, description="Chosen minus rejected must be at least this.")
     per_prompt: Literal["best", "all"] = Field(

@@ -139,7 +139,7 @@ def select(iter_dir: str) -> str:
     def work():
         p = cfg.pairs
         pairs, stats = select_pairs(read_jsonl(it.samples, Sample), read_jsonl(it.judgments, Judgment),
-                                    p.min_chosen_score, p.min_margin, p.per_prompt)
+                                    p.min_chosen_score, p.min_margin, p.per_prompt, p.rule)
         write_jsonl(it.pairs, pairs)
         it.update_manifest(pairs=vars(stats))
         return {"pairs": stats.pairs, "prompts_dropped": stats.prompts_dropped}

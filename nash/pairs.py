@@ -1,6 +1,7 @@
 """Pair selection: turn judged candidates into preference pairs.
 
-The DNO rule keeps a pair only when the chosen candidate scores at least
+`max_min` (Self-Rewarding) pairs the highest-scored candidate with the lowest and skips
+a prompt whose extremes tie. The DNO rule keeps a pair only when the chosen candidate scores at least
 `min_chosen_score` and beats the rejected one by at least `min_margin`. Candidates whose
 judgment failed take part in no pair. A prompt with no qualifying pair is dropped and
 counted, never padded with a weak pair.
@@ -40,12 +41,20 @@ def _dno_pairs(scored: list[tuple[int, float]], min_chosen: float, min_margin: f
     ]
 
 
+def _max_min_pairs(scored: list[tuple[int, float]]):
+    """Self-Rewarding: the highest against the lowest score; a tie between them skips the prompt."""
+    ranked = sorted(scored, key=lambda cs: (-cs[1], cs[0]))
+    (ci, cs), (ri, rs) = ranked[0], ranked[-1]
+    return [(ci, ri)] if cs > rs else []
+
+
 def select_pairs(
     samples: list[Sample],
     judgments: list[Judgment],
     min_chosen_score: float,
     min_margin: float,
     per_prompt: str = "best",
+    rule: str = "dno",
 ) -> tuple[list[Pair], PairStats]:
     by_key = {(s.prompt_id, s.candidate): s for s in samples}
     scores: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -64,7 +73,10 @@ def select_pairs(
         if len(scored) < 2:
             reasons["fewer than 2 scored candidates"] += 1
             continue
-        chosen = _dno_pairs(scored, min_chosen_score, min_margin, per_prompt)
+        if rule == "max_min":
+            chosen = _max_min_pairs(scored)
+        else:
+            chosen = _dno_pairs(scored, min_chosen_score, min_margin, per_prompt)
         if not chosen:
             top, bottom = max(s for _, s in scored), min(s for _, s in scored)
             reasons["all scores equal" if top == bottom else

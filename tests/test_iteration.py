@@ -81,3 +81,20 @@ def test_no_pairs_is_a_clear_failure(tmp_path, tiny_overrides):
     with pytest.raises(RuntimeError, match="no pairs kept .*pairs.min_margin"):
         iteration.run_iteration(str(run.path))
     assert run.iterations()[0].status == "failed"
+
+
+def test_self_judging_iteration_with_max_min_pairs(tmp_path, tiny_overrides, monkeypatch):
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, tiny_overrides + ["run.name=self", "judge.kind=self", "pairs.rule=max_min"])
+    run = RunDir.create(tmp_path, cfg)
+    iteration.run_iteration(str(run.path))
+    it = run.iterations()[0]
+    m = it.manifest()
+    assert it.complete and m["judge_outcomes"]["scored"] == 24 and m["judge_outcomes"]["requests"] == 24
+    assert {j.judge for j in read_jsonl(it.judgments, Judgment)} == {"self"}
+    pairs = read_jsonl(it.pairs, Pair)
+    assert pairs and all(p.chosen_score > p.rejected_score for p in pairs)
+    # Evaluation judges with π_0, the same fixed judge for every iteration.
+    metrics = json.loads(it.metrics.read_text())
+    assert metrics["eval"]["pass_rate"] is None and metrics["eval"]["mean_score"] is not None
+    assert metrics["eval_judge_usage"]["scored"] == 10

@@ -55,3 +55,11 @@ def test_failed_judgments_never_make_a_pair():
     assert {(p.prompt_id, p.chosen_candidate, p.rejected_candidate) for p in pairs} == {("a", 2, 1)}
     assert stats.failed_candidates == 3
     assert stats.drop_reasons == {"fewer than 2 scored candidates": 1}
+
+
+def test_max_min_pairs_highest_with_lowest_and_skips_ties():
+    pairs, stats = select_pairs(*make({"a": [2.1, 4.5, 0.3, 4.5], "b": [3.0, 3.0, 3.0, 3.0], "c": [None, 1.0, 1.2]}),
+                                0.0, 0.0, rule="max_min")
+    got = {(p.prompt_id, p.chosen_candidate, p.rejected_candidate) for p in pairs}
+    assert got == {("a", 1, 2), ("c", 2, 1)}
+    assert stats.drop_reasons == {"all scores equal": 1} and stats.failed_candidates == 1
