@@ -39,6 +39,7 @@ class PolicySection(Section):
 class PromptsSection(Section):
     source: str = Field("builtin", description="'builtin', a .jsonl path, or 'hf:<dataset>[:split]'.")
     field: str = Field("prompt", description="Prompt text column of a JSONL or HF source.")
+    reference_field: str = Field("reference", description="Column of gold answers, when the source has one.")
     seed: int = Field(0, description="Seed of the built-in set and of the partition shuffle.")
     partition_size: int = Field(48, ge=1, description="Fresh training prompts per iteration.")
 
@@ -50,6 +51,9 @@ class SamplingSection(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(64, ge=1, description="Sequences per generate() call.")
+    include_reference: bool = Field(
+        False, description="Add each prompt's gold answer as one more candidate, judged side by side (DNO)."
+    )
 
 
 class RulesJudge(Section):

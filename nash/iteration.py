@@ -59,7 +59,8 @@ def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dic
 
 def preflight(cfg, run: RunDir) -> None:
     """Fail fast, before any flow starts: prompts that cannot load or run out, a missing policy."""
-    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field)
+    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field,
+                                              reference_field=cfg.prompts.reference_field)
     last = run.next_iteration().index + cfg.run.iterations - 1
     prompt_sources.partition(all_prompts, last, cfg.prompts.partition_size, cfg.prompts.seed)
     resolve_policy(cfg.policy.model)
@@ -73,7 +74,8 @@ def prepare(run_dir: str) -> str:
     if it.manifest():
         it.update_manifest(status="running", error=None, traceback=None)
         return str(it.path)
-    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field)
+    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field,
+                                              reference_field=cfg.prompts.reference_field)
     if not run.eval_prompts.is_file():
         write_jsonl(run.eval_prompts, prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts))
     part = prompt_sources.partition(all_prompts, it.index, cfg.prompts.partition_size, cfg.prompts.seed)
@@ -106,11 +108,14 @@ def sample(iter_dir: str, progress: Progress | None = None) -> str:
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=cfg.run.seed * 1000 + it.index)
         completions = sampler.generate([p.text for p in parts], params, progress)
-        samples = [
-            Sample(prompt_id=p.id, candidate=k, prompt=p.text, response=c.text,
-                   num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}")
-            for p, cs in zip(parts, completions) for k, c in enumerate(cs)
-        ]
+        samples = []
+        for p, cs in zip(parts, completions):
+            samples += [Sample(prompt_id=p.id, candidate=k, prompt=p.text, response=c.text,
+                               num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}") for k, c in enumerate(cs)]
+            if s.include_reference and p.reference:
+                n_tok = len(sampler.tokenizer(p.reference, add_special_tokens=False)["input_ids"])
+                samples.append(Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
+                                      num_tokens=n_tok, policy="reference"))
         write_jsonl(it.samples, samples)
         return {"candidates": len(samples), "mean_tokens": round(sum(x.num_tokens for x in samples) / len(samples), 1)}
 

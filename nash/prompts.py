@@ -96,12 +96,13 @@ def builtin_prompts(seed: int = 0, per_topic: int = 7, eval_topics: int = 12) ->
     return prompts
 
 
-def load_prompts(source: str, seed: int = 0, field: str = "prompt", eval_fraction: float = 0.2) -> list[Prompt]:
+def load_prompts(source: str, seed: int = 0, field: str = "prompt", eval_fraction: float = 0.2,
+                 reference_field: str = "reference") -> list[Prompt]:
     """Load every prompt of a source, each marked train or eval."""
     if source == "builtin":
         return builtin_prompts(seed)
     if source.startswith("hf:"):
-        return _from_rows(_load_hf(source[3:]), source, field, seed, eval_fraction)
+        return _from_rows(_load_hf(source[3:]), source, field, seed, eval_fraction, reference_field)
     path = Path(source).expanduser()
     if not path.is_file():
         raise PromptError(f"prompts.source: file not found: {source}")
@@ -121,7 +122,7 @@ def load_prompts(source: str, seed: int = 0, field: str = "prompt", eval_fractio
             if not isinstance(row, dict) or field not in row:
                 raise PromptError(f"{path}:{lineno}: missing field {field!r} (prompts.field)")
             rows.append(row)
-    return _from_rows(rows, str(path), field, seed, eval_fraction)
+    return _from_rows(rows, str(path), field, seed, eval_fraction, reference_field)
 
 
 def _load_hf(spec: str) -> list[dict]:
@@ -134,7 +135,8 @@ def _load_hf(spec: str) -> list[dict]:
         raise PromptError(f"prompts.source: cannot load dataset {name!r} (split {split or 'train'!r}): {e}") from None
 
 
-def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fraction: float) -> list[Prompt]:
+def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fraction: float,
+               reference_field: str = "reference") -> list[Prompt]:
     prompts = []
     for i, row in enumerate(rows):
         cons = row.get("constraints") or []
@@ -146,7 +148,8 @@ def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fractio
         try:
             prompts.append(
                 Prompt(id=str(row.get("id", i)), text=str(row[field]), constraints=cons,
-                       topic=row.get("topic"), split=row.get("split", "train"))
+                       topic=row.get("topic"), split=row.get("split", "train"),
+                       reference=row.get(reference_field))
             )
         except ValidationError as e:
             err = e.errors()[0]

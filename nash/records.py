@@ -25,6 +25,7 @@ class Prompt(Record):
     constraints: list[dict[str, Any]] = []
     topic: str | None = None
     split: Literal["train", "eval"] = "train"
+    reference: str | None = None  # a gold / teacher answer, e.g. GPT-4-Turbo's
 
 
 class Sample(Record):

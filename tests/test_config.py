@@ -109,3 +109,9 @@ def test_each_judge_kind_has_its_own_keys():
         load_config(None, ["judge.kind=hf"])
     with pytest.raises(ConfigError, match="weights has 1 entries for 2 components"):
         load_config(None, ["judge={kind: composite, components: [{kind: rules}, {kind: rules}], weights: [1]}"])
+
+
+@pytest.mark.parametrize("name", ["self_rewarding", "dno_gpt4", "local_server"])
+def test_recipes_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.run.name != "demo" and cfg.policy.model == load_config(ROOT / "configs" / "default.yaml").policy.model

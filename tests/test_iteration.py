@@ -98,3 +98,19 @@ def test_self_judging_iteration_with_max_min_pairs(tmp_path, tiny_overrides, mon
     metrics = json.loads(it.metrics.read_text())
     assert metrics["eval"]["pass_rate"] is None and metrics["eval"]["mean_score"] is not None
     assert metrics["eval_judge_usage"]["scored"] == 10
+
+
+def test_gold_answers_join_the_candidates(tmp_path, tiny_overrides):
+    rows = [{"id": f"g{i}", "prompt": f"Describe thing {i}.", "reference": f"thing {i} is small",
+             "split": "eval" if i >= 6 else "train", "constraints": [{"kind": "lowercase"}]} for i in range(8)]
+    src = tmp_path / "gold.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, tiny_overrides + ["run.name=gold", f"prompts.source={src}", "sampling.include_reference=true",
+                                              "eval.num_prompts=2"])
+    run = RunDir.create(tmp_path, cfg)
+    path = iteration.prepare(str(run.path))
+    iteration.sample(path)
+    samples = read_jsonl(run.iterations()[0].samples, Sample)
+    gold = [s for s in samples if s.policy == "reference"]
+    assert len(samples) == 6 * 5 and len(gold) == 6
+    assert all(s.candidate == 4 and s.response == f"thing {s.prompt_id[1:]} is small" for s in gold)
