@@ -10,6 +10,7 @@ held by the client only and scrubbed from any error text that is recorded.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from judges.lm import Reply
@@ -49,11 +50,18 @@ class OpenAIBackend:
                                     max_retries=cfg.max_retries)
         self.model = cfg.model
         self.concurrency = cfg.concurrency
+        # Prompts are judged `concurrency` at a time and each may send several requests:
+        # this bounds the requests in flight across all of them.
+        self._in_flight = threading.BoundedSemaphore(cfg.concurrency)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
 
     def _one(self, messages, temperature, max_tokens):
+        with self._in_flight:
+            return self._request(messages, temperature, max_tokens)
+
+    def _request(self, messages, temperature, max_tokens):
         try:
             resp = self.client.chat.completions.create(
                 model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens

@@ -79,15 +79,19 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the judge opens up to judge.concurrency connections at once
+    daemon_threads = True
+
+
 class OpenAIServer:
     def __init__(self, responder=default_reply):
         self.responder = responder
         self.script: list[tuple] = []
         self.requests: list[dict] = []
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.owner = self
-        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -167,3 +167,27 @@ def test_missing_api_key_names_the_variable(monkeypatch):
     cfg = load_config(None, ["judge.kind=openai"])
     with pytest.raises(ValueError, match="judge.api_key_env: environment variable OPENAI_API_KEY is not set"):
         build_judge(cfg.judge)
+
+
+def test_requests_in_flight_never_exceed_concurrency(server, tmp_path):
+    import threading
+
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_reply(prompt):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return "Score: 3"
+
+    server.responder = slow_reply
+    prompts = {f"p{i}": Prompt(id=f"p{i}", text=f"Q{i}") for i in range(6)}
+    samples = [Sample(prompt_id=pid, candidate=k, prompt="x", response=f"{pid}-{k}", num_tokens=1, policy="p")
+               for pid in prompts for k in range(4)]
+    judge = judge_for(server, "judge.concurrency=3", "judge.cache=false")
+    judgments, _ = judge_samples(judge, prompts, samples, tmp_path / "j.jsonl")
+    assert len(judgments) == 24 and len(server.requests) == 24
+    assert 1 < peak[0] <= 3
