@@ -74,8 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {
             "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
-                      "total_tokens": len(prompt.split()) + len(text.split())},
+            "usage": {"prompt_tokens": srv.count_tokens(prompt), "completion_tokens": srv.count_tokens(text),
+                      "total_tokens": srv.count_tokens(prompt) + srv.count_tokens(text)},
         })
 
 
@@ -85,8 +85,9 @@ class _Server(ThreadingHTTPServer):
 
 
 class OpenAIServer:
-    def __init__(self, responder=default_reply):
+    def __init__(self, responder=default_reply, count_tokens=lambda text: len(text.split())):
         self.responder = responder
+        self.count_tokens = count_tokens
         self.script: list[tuple] = []
         self.requests: list[dict] = []
         self.lock = threading.Lock()
