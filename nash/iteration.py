@@ -20,7 +20,7 @@ from pathlib import Path
 from judges import build_judge
 from nash import evaluation
 from nash import prompts as prompt_sources
-from nash.judging import judge_samples, outcome_counts
+from nash.judging import USAGE, judge_samples, outcome_counts
 from nash.pairs import select_pairs
 from nash.policy import resolve_policy
 from nash.records import (
@@ -210,7 +210,13 @@ def finalize(iter_dir: str) -> str:
     if missing:
         raise RuntimeError(f"{it.path}: stages not complete: {', '.join(missing)}")
     metrics = json.loads(it.metrics.read_text())
+    # Judging spend of this iteration (training judgments and evaluation), and of the run so far.
+    spend = {k: m.get("judge_outcomes", {}).get(k, 0) + metrics.get("eval_judge_usage", {}).get(k, 0) for k in USAGE}
+    earlier = [p.manifest().get("judge_spend", {}).get("iteration", {}) for p in it.run.iterations()
+               if p.index < it.index and p.complete]
+    run_total = {k: sum(e.get(k, 0) for e in earlier) + spend[k] for k in USAGE}
     it.update_manifest(
+        judge_spend={"iteration": spend, "run": run_total},
         files=it.file_hashes(),
         metrics={
             "pass_rate": metrics["eval"]["pass_rate"],

@@ -56,7 +56,7 @@ def iteration_row(manifest: dict) -> dict:
         "pass rate": fmt(m.get("pass_rate")),
         "pass rate π_0": fmt(m.get("initial_pass_rate")),
         "win rate vs π_0": fmt(m.get("win_rate_vs_initial")),
-        "judge $": f"{manifest.get('judge_outcomes', {}).get('cost_usd', 0.0):.2f}",
+        "judge $": f"{manifest.get('judge_spend', {}).get('iteration', {}).get('cost_usd', 0.0):.2f}",
         "seconds": round(sum(manifest.get("timings", {}).values())),
     }
 

@@ -104,6 +104,8 @@ def test_cli_iteration_with_the_openai_judge_never_leaks_the_key(
     # Identical candidates are asked once: the rest are served from the cache.
     assert it.complete and counts["failed"] == 1 and counts["requests"] + counts["cached"] == 24
     assert m["judge_outcomes"]["cost_usd"] > 0
+    spend = m["judge_spend"]
+    assert spend["run"] == spend["iteration"] and spend["iteration"]["cost_usd"] > m["judge_outcomes"]["cost_usd"]
     # The key is in no file of the run, no log line, no artifact and no flow-run parameter.
     for path in run.path.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl"):

@@ -34,6 +34,9 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
         assert metrics["win_rate_vs_initial"]["n"] + metrics["win_rate_vs_initial"]["unjudged"] == 5
         assert metrics["train"]["steps"] > 0
     assert first.endswith("iter_001/manifest.json") and second.endswith("iter_002/manifest.json")
+    spend1, spend2 = it1.manifest()["judge_spend"], it2.manifest()["judge_spend"]
+    assert spend1["run"] == spend1["iteration"]
+    assert spend2["run"]["tokens_in"] == spend1["iteration"]["tokens_in"] + spend2["iteration"]["tokens_in"]
     # π_2 is trained from π_1 on fresh prompts.
     assert it2.manifest()["parent_policy"] == {"iteration": 1, "path": str(it1.policy)}
     assert not set(it1.manifest()["prompt_partition"]["ids"]) & set(it2.manifest()["prompt_partition"]["ids"])
