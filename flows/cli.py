@@ -50,7 +50,17 @@ def cmd_run(args) -> int:
         round_flow,  # Prefect is imported only for commands that run flows
     )
 
-    round_flow(run_dir=str(run.path), iterations=cfg.run.iterations)
+    try:
+        round_flow(run_dir=str(run.path), iterations=cfg.run.iterations)
+    except Exception:
+        failed = [it for it in run.iterations() if it.status == "failed"]
+        if not failed:
+            raise
+        print_status(run)
+        print(f"nash: error: {failed[-1].path.name} failed at {failed[-1].manifest().get('error')}\n"
+              f"  the stages before it are kept; fix the cause and run the same command to resume",
+              file=sys.stderr)
+        return 1
     print_status(run)
     return 0
 

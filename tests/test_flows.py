@@ -128,3 +128,13 @@ def test_api_key_from_a_prefect_secret_block(prefect_server, monkeypatch):
     cfg = load_config(None, ["judge.kind=openai", "judge.api_key_secret=nash-judge-key"])
     assert read_api_key(cfg.judge) == "sk-from-block-77"
     assert "sk-from-block" not in cfg.model_dump_json()  # the config names the block, never the key
+
+
+def test_cli_reports_a_failed_iteration_in_one_line(prefect_server, tmp_path, tiny_overrides, capsys):
+    from flows.cli import main
+
+    sets = [x for o in tiny_overrides + ["run.name=nopairs", "pairs.min_chosen_score=2"] for x in ("--set", o)]
+    assert main(["run", str(ROOT / "configs" / "default.yaml"), "--iterations", "1",
+                 "--runs-dir", str(tmp_path), *sets]) == 1
+    err = capsys.readouterr().err
+    assert "nash: error: iter_001 failed at train: RuntimeError: no pairs kept" in err and "to resume" in err
