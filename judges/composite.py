@@ -8,9 +8,7 @@ in mind.
 
 from __future__ import annotations
 
-from nash.records import Judgment, Prompt
-
-_USAGE = ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")
+from nash.records import USAGE, Judgment, Prompt
 
 
 class CompositeJudge:
@@ -26,7 +24,7 @@ class CompositeJudge:
         out = []
         for k in range(len(candidates)):
             parts = [js[k] for js in per_judge]
-            usage = {key: sum(getattr(p, key) for p in parts) for key in _USAGE}
+            usage = {key: sum(getattr(p, key) for p in parts) for key in USAGE}
             details = {"components": [{"judge": p.judge, "score": p.score, "outcome": p.outcome} for p in parts]}
             failed = [p for p in parts if p.outcome != "scored"]
             if failed:

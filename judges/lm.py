@@ -26,7 +26,7 @@ from typing import Protocol
 
 from judges.base import Budget
 from judges.cache import JudgmentCache, cache_key
-from nash.records import Judgment, Prompt
+from nash.records import USAGE, Judgment, Prompt
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 DEFAULT_TEMPLATES = {
@@ -195,7 +195,7 @@ class LMJudge:
             return False
 
     def _judgment(self, prompt: Prompt, candidate: int, r: dict, **fields) -> Judgment:
-        usage = {k: r[k] for k in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+        usage = {k: r[k] for k in USAGE}
         return Judgment(prompt_id=prompt.id, candidate=candidate, judge=self.name, raw=r["raw"], **usage, **fields)
 
     # -- protocols ---------------------------------------------------------------------
@@ -211,7 +211,7 @@ class LMJudge:
         out = []
         for k in range(len(candidates)):
             rs = results[k * self.cfg.repeats : (k + 1) * self.cfg.repeats]
-            merged = {key: sum(r[key] for r in rs) for key in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+            merged = {key: sum(r[key] for r in rs) for key in USAGE}
             merged["raw"] = rs[-1]["raw"]
             values = [r["value"] for r in rs if r["value"] is not None]
             if values:
@@ -260,7 +260,7 @@ class LMJudge:
         return self._pair_judgment(prompt, 0, 1, r1, r2)
 
     def _pair_judgment(self, prompt, i, j, r1, r2) -> Judgment:
-        usage = {k: r1[k] + r2[k] for k in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+        usage = {k: r1[k] + r2[k] for k in USAGE}
         usage["raw"] = f"{r1['raw']}\n---\n{r2['raw']}" if r1["raw"] or r2["raw"] else None
         verdict = self._agree(r1["value"], r2["value"])
         details = {"orders": [r1["value"], r2["value"]]}
@@ -282,7 +282,7 @@ class LMJudge:
         for k in range(len(candidates)):
             mine = [c for c in comparisons if k in (c.candidate, c.other)]
             usage = {key: sum(getattr(c, key) for c in comparisons if c.candidate == k)
-                     for key in ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")}
+                     for key in USAGE}
             usage["raw"] = None
             decided = [c for c in mine if c.outcome != "failed"]
             record = [{"other": c.other if c.candidate == k else c.candidate, "outcome": c.outcome,

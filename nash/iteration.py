@@ -20,10 +20,11 @@ from pathlib import Path
 from judges import build_judge
 from nash import evaluation
 from nash import prompts as prompt_sources
-from nash.judging import USAGE, judge_samples, outcome_counts
+from nash.judging import judge_samples, outcome_counts
 from nash.pairs import select_pairs
 from nash.policy import resolve_policy
 from nash.records import (
+    USAGE,
     Judgment,
     Pair,
     Prompt,

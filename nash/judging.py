@@ -16,10 +16,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from judges.base import BudgetExhausted, Judge
-from nash.records import Judgment, Prompt, Sample, append_jsonl, read_jsonl
+from nash.records import USAGE, Judgment, Prompt, Sample, append_jsonl, read_jsonl
 from nash.sampling import Progress
-
-USAGE = ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")
 
 
 def judge_samples(

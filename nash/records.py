@@ -64,6 +64,10 @@ class Judgment(Record):
     cost_usd: float = 0.0
 
 
+# What a judgment spent; sums of these give the spend of a stage, an iteration and a run.
+USAGE = ("requests", "cached", "tokens_in", "tokens_out", "cost_usd")
+
+
 class Pair(Record):
     """A preference pair for the contrastive update (pairs.jsonl)."""
 
