@@ -11,6 +11,8 @@ format still gives a graded score, and one forward pass replaces a whole generat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from judges.lm import Reply
 from nash.sampling import SamplingParams, TransformersSampler
 
@@ -19,7 +21,11 @@ SCORE_PREFIXES = ("Score: ", "Score:")
 
 class LocalBackend:
     def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 16, seed: int = 0):
-        self.identity = {"kind": "local", "model": model_path}
+        # A run directory can be deleted and made again at the same path: the weights' size and
+        # modification time keep a new model at an old path from being served old replies.
+        weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+        self.identity = {"kind": "local", "model": model_path,
+                         "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
         self.sampler = TransformersSampler(model_path, dtype=dtype, batch_size=batch_size)
         self.seed = seed
 

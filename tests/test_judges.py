@@ -69,3 +69,18 @@ def test_reward_model_judge_scores_with_a_scalar_head(tiny_model_dir, tmp_path):
     out = judge.score(Prompt(id="p", text="Say hi."), ["hi", "a much longer answer than hi", "hi"])
     assert [j.outcome for j in out] == ["scored"] * 3
     assert out[0].score == pytest.approx(out[2].score) and out[0].score != out[1].score
+
+
+def test_self_judge_cache_does_not_outlive_the_model_at_its_path(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = load_config(None, ["judge.kind=self"]).judge
+    build_judge(cfg, policy_path=str(model)).score(Prompt(id="p", text="Say hi."), ["hi"])
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # a retrained model
+    again = build_judge(cfg, policy_path=str(model)).score(Prompt(id="p", text="Say hi."), ["hi"])
+    assert again[0].cached == 0 and again[0].requests == 1
