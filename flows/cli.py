@@ -46,9 +46,8 @@ def _open_run(args):
 def cmd_run(args) -> int:
     cfg, run = _open_run(args)
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
-    from flows.round import (
-        round_flow,  # Prefect is imported only for commands that run flows
-    )
+    # Prefect is imported only for commands that run flows.
+    from flows.round import round_flow
 
     try:
         round_flow(run_dir=str(run.path), iterations=cfg.run.iterations)

@@ -231,7 +231,7 @@ class LMJudge:
         out = []
         for k, cid in enumerate(ids):
             # The one request's usage is booked on candidate 0 so that sums stay exact.
-            usage = r if k == 0 else {**r, "requests": 0, "cached": 0, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0}
+            usage = r if k == 0 else {**r, **dict.fromkeys(USAGE, 0)}
             if cid in scores:
                 out.append(self._judgment(prompt, k, usage, outcome="scored", score=scores[cid], details={"id": cid}))
             else:

@@ -58,10 +58,14 @@ def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dic
     return str(output)
 
 
+def _load_prompts(cfg):
+    p = cfg.prompts
+    return prompt_sources.load_prompts(p.source, p.seed, p.field, reference_field=p.reference_field)
+
+
 def preflight(cfg, run: RunDir) -> None:
     """Fail fast, before any flow starts: prompts that cannot load or run out, a missing policy."""
-    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field,
-                                              reference_field=cfg.prompts.reference_field)
+    all_prompts = _load_prompts(cfg)
     last = run.next_iteration().index + cfg.run.iterations - 1
     prompt_sources.partition(all_prompts, last, cfg.prompts.partition_size, cfg.prompts.seed)
     resolve_policy(cfg.policy.model)
@@ -75,8 +79,7 @@ def prepare(run_dir: str) -> str:
     if it.manifest():
         it.update_manifest(status="running", error=None, traceback=None)
         return str(it.path)
-    all_prompts = prompt_sources.load_prompts(cfg.prompts.source, cfg.prompts.seed, cfg.prompts.field,
-                                              reference_field=cfg.prompts.reference_field)
+    all_prompts = _load_prompts(cfg)
     if not run.eval_prompts.is_file():
         write_jsonl(run.eval_prompts, prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts))
     part = prompt_sources.partition(all_prompts, it.index, cfg.prompts.partition_size, cfg.prompts.seed)
@@ -181,9 +184,10 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
     def work():
         held_out = read_jsonl(run.eval_prompts, Prompt)
         # A fixed judge for every iteration's evaluation: `self` judging means π_0 judging.
-        judge_ = build_judge(cfg.judge, policy_path=resolve_policy(cfg.policy.model))
+        initial = resolve_policy(cfg.policy.model)
+        judge_ = build_judge(cfg.judge, policy_path=initial)
         base_dir = run.baseline_dir / "eval"
-        base = evaluation.answer_and_judge(resolve_policy(cfg.policy.model), held_out, cfg, judge_,
+        base = evaluation.answer_and_judge(initial, held_out, cfg, judge_,
                                            base_dir, "iter_000", progress)
         new = evaluation.answer_and_judge(str(it.policy), held_out, cfg, judge_, it.eval_dir,
                                           f"iter_{it.index:03d}", progress)

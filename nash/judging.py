@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from itertools import islice
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -56,7 +57,7 @@ def judge_samples(
     queue = iter(todo)
     workers = max(1, getattr(judge, "concurrency", 1))
     with ThreadPoolExecutor(workers) as pool:
-        running = {pool.submit(judge_one, pid) for pid in _take(queue, workers)}
+        running = {pool.submit(judge_one, pid) for pid in islice(queue, workers)}
         while running:
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
@@ -65,20 +66,11 @@ def judge_samples(
                 except BudgetExhausted as e:
                     stopped = str(e)
             if stopped is None:
-                running |= {pool.submit(judge_one, pid) for pid in _take(queue, len(finished))}
+                running |= {pool.submit(judge_one, pid) for pid in islice(queue, len(finished))}
     bar.close()
     judged = {j.prompt_id for j in done}
     info = {"unjudged_prompts": sum(pid not in judged for pid in by_prompt), "budget_stop": stopped}
     return done, info
-
-
-def _take(it, n: int) -> list:
-    out = []
-    for x in it:
-        out.append(x)
-        if len(out) == n:
-            break
-    return out
 
 
 def outcome_counts(judgments: list[Judgment]) -> dict:
