@@ -46,7 +46,7 @@ class PromptsSection(Section):
 
 class SamplingSection(Section):
     backend: Literal["transformers"] = "transformers"
-    n: int = Field(4, ge=2, description="Candidates per prompt (K).")
+    n: int = Field(4, ge=1, description="Candidates per prompt (K).")
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(96, ge=1)
@@ -139,26 +139,87 @@ JUDGE_KINDS = ("rules", "openai", "self", "hf", "reward_model", "composite")
 CompositeJudge.model_rebuild()
 
 
+class LengthGuard(Section):
+    action: Literal["off", "drop", "downweight"] = Field(
+        "off",
+        description="drop: drop pairs whose chosen answer is more than max_ratio times as long as the rejected; "
+        "downweight: LD-DPO (TRL's ld_alpha), tokens past the shorter answer's length count `alpha` times.",
+    )
+    max_ratio: float = Field(1.5, gt=1.0, description="drop: chosen tokens / rejected tokens above this drops the pair.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="downweight: weight of the longer answer's extra tokens.")
+
+
 class PairsSection(Section):
-    rule: Literal["dno", "max_min"] = Field(
-        "dno", description="dno: large-margin rule below; max_min: highest vs lowest, ties skipped (Self-Rewarding)."
+    rule: Literal["dno", "max_min", "spin"] = Field(
+        "dno",
+        description="dno: large-margin rule below; max_min: highest vs lowest, ties skipped (Self-Rewarding); "
+        "spin: the gold answer chosen over the policy's sample, no judge (SPIN).",
     )
-    min_chosen_score: float = Field(0.5, description="Chosen must score at least this.")
-    min_margin: float = Field(0.5, gt=0.0, description="Chosen minus rejected must be at least this.")
+    min_chosen_score: float = Field(0.5, description="dno: chosen must score at least this.")
+    min_margin: float = Field(0.5, gt=0.0, description="dno: chosen minus rejected must be at least this.")
+    teacher_margin: float | None = Field(
+        None, gt=0.0,
+        description="dno: the margin when a policy sample is chosen over the gold answer (DNO: 1 where "
+        "min_margin is 2); unset: min_margin.",
+    )
     per_prompt: Literal["best", "all"] = Field(
-        "best", description="'best': top vs bottom candidate; 'all': every qualifying pair."
+        "best", description="'best': the largest-margin pair of a prompt; 'all': every qualifying pair."
     )
+    replay: list[float] = Field(
+        [], description="Share of the training set drawn from the pairs of iteration t-1, t-2, ... "
+        "(DNO: [0.3, 0.15]); an earlier iteration with fewer pairs gives what it has.",
+    )
+    length_guard: LengthGuard = LengthGuard()
+
+    @model_validator(mode="after")
+    def _replay_shares(self):
+        if any(not 0.0 <= s < 1.0 for s in self.replay) or sum(self.replay) >= 1.0:
+            raise ValueError(f"replay shares must each be in [0, 1) and sum below 1, got {self.replay}")
+        return self
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="PEFT target_modules.")
+
+
+PAIRED_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
 
 
 class TrainSection(Section):
-    loss: Literal["dpo"] = "dpo"
+    loss: Literal["dpo", "ipo", "hinge", "robust", "kto", "cpo"] = Field(
+        "dpo",
+        description="dpo/ipo/hinge/robust: TRL DPOTrainer loss types; kto: KTOTrainer on unpaired halves; "
+        "cpo: CPOTrainer, no reference model, preference loss plus NLL.",
+    )
     beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="robust: assumed share of flipped labels.")
+    cpo_alpha: float = Field(1.0, ge=0.0, description="cpo: weight of the NLL term on the chosen answer.")
+    reference: Literal["previous", "initial"] = Field(
+        "previous", description="previous: π_t, the policy that sampled the candidates; initial: π_0."
+    )
     learning_rate: float = Field(5e-6, gt=0.0)
     epochs: float = Field(1.0, gt=0.0)
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(256, ge=16, description="Prompt plus completion tokens; longer pairs are truncated.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    lora: LoraSection | None = Field(None, description="Train a LoRA adapter (PEFT), merged into the saved policy.")
+    launcher: Literal["python", "accelerate"] = Field(
+        "python", description="Training runs in a subprocess: plain python, or `accelerate launch` (multi-GPU)."
+    )
+    num_processes: int = Field(1, ge=1, description="accelerate: processes (GPUs).")
+    kl_prompts: int = Field(32, ge=0, description="Training prompts on which KL(π_{t+1} || π_t) is measured (0: skip).")
+
+    @model_validator(mode="after")
+    def _loss_options(self):
+        if self.loss == "robust" and self.label_smoothing == 0.0:
+            raise ValueError("loss robust needs label_smoothing > 0 (the assumed share of flipped labels)")
+        if self.loss == "cpo" and self.reference == "initial":
+            raise ValueError("loss cpo uses no reference model; remove reference: initial")
+        return self
 
 
 class EvalSection(Section):
@@ -175,6 +236,17 @@ class Config(Section):
     pairs: PairsSection = PairsSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _cross_section(self):
+        if self.pairs.rule != "spin" and self.sampling.n + self.sampling.include_reference < 2:
+            raise ValueError(f"sampling.n: pairs.rule {self.pairs.rule} needs at least 2 candidates per prompt")
+        if self.pairs.length_guard.action == "downweight" and self.train.loss not in PAIRED_LOSSES:
+            raise ValueError(
+                f"pairs.length_guard.action: downweight works with the DPOTrainer losses "
+                f"({', '.join(PAIRED_LOSSES)}), not train.loss {self.train.loss}"
+            )
+        return self
 
     def hash(self) -> str:
         """Hash of everything that shapes results (not how many iterations to run)."""
@@ -258,7 +330,8 @@ def validate_config(data: dict, lines: dict[str, str] | None = None) -> Config:
                 key += ".kind"
             where = (lines or {}).get(key)
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            msgs.append(f"{where + ': ' if where else ''}{key}: {msg}")
+            msg = msg.removeprefix("Value error, ")
+            msgs.append(f"{where + ': ' if where else ''}{key + ': ' if key else ''}{msg}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
 
 

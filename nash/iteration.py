@@ -21,7 +21,7 @@ from judges import build_judge
 from nash import evaluation
 from nash import prompts as prompt_sources
 from nash.judging import judge_samples, outcome_counts
-from nash.pairs import select_pairs
+from nash import pairs as pair_rules
 from nash.policy import resolve_policy
 from nash.records import (
     USAGE,
@@ -35,7 +35,7 @@ from nash.records import (
 )
 from nash.registry import IterationDir, RunDir, now, package_versions
 from nash.sampling import Progress, SamplingParams, build_sampler
-from nash.training import train_dpo
+from nash.training import train_in_subprocess
 
 STAGES = ("sample", "judge", "select_pairs", "train", "evaluate")
 
@@ -68,6 +68,11 @@ def preflight(cfg, run: RunDir) -> None:
     all_prompts = _load_prompts(cfg)
     last = run.next_iteration().index + cfg.run.iterations - 1
     prompt_sources.partition(all_prompts, last, cfg.prompts.partition_size, cfg.prompts.seed)
+    if cfg.pairs.rule == "spin" and not any(p.reference for p in all_prompts if p.split == "train"):
+        raise prompt_sources.PromptError(
+            f"pairs.rule spin needs gold answers: no training prompt of {cfg.prompts.source} has a "
+            f"{cfg.prompts.reference_field!r} value (prompts.reference_field)"
+        )
     resolve_policy(cfg.policy.model)
 
 
@@ -116,7 +121,7 @@ def sample(iter_dir: str, progress: Progress | None = None) -> str:
         for p, cs in zip(parts, completions):
             samples += [Sample(prompt_id=p.id, candidate=k, prompt=p.text, response=c.text,
                                num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}") for k, c in enumerate(cs)]
-            if s.include_reference and p.reference:
+            if (s.include_reference or cfg.pairs.rule == "spin") and p.reference:
                 n_tok = len(sampler.tokenizer(p.reference, add_special_tokens=False)["input_ids"])
                 samples.append(Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
                                       num_tokens=n_tok, policy="reference"))
@@ -131,6 +136,9 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
     cfg = it.run.config()
 
     def work():
+        if cfg.pairs.rule == "spin":
+            write_jsonl(it.judgments, [])
+            return {"skipped": "pairs.rule spin needs no judge"}
         parts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
         judge_ = build_judge(cfg.judge, policy_path=it.manifest()["parent_policy"]["path"])
         judgments, info = judge_samples(judge_, parts, read_jsonl(it.samples, Sample), it.judgments, progress)
@@ -147,11 +155,25 @@ def select(iter_dir: str) -> str:
 
     def work():
         p = cfg.pairs
-        pairs, stats = select_pairs(read_jsonl(it.samples, Sample), read_jsonl(it.judgments, Judgment),
-                                    p.min_chosen_score, p.min_margin, p.per_prompt, p.rule)
-        write_jsonl(it.pairs, pairs)
+        samples = read_jsonl(it.samples, Sample)
+        if p.rule == "spin":
+            fresh, stats = pair_rules.spin_pairs(samples, p.per_prompt, it.index)
+        else:
+            fresh, stats = pair_rules.select_pairs(
+                samples, read_jsonl(it.judgments, Judgment), p.min_chosen_score, p.min_margin, p.per_prompt,
+                p.rule, p.teacher_margin, it.index)
+        if p.length_guard.action == "drop":
+            fresh = pair_rules.length_guard(fresh, p.length_guard.max_ratio, stats)
+        earlier = []
+        for lag in range(1, len(p.replay) + 1):
+            prev = IterationDir(it.run, it.index - lag)
+            if prev.index >= 1 and prev.complete:
+                earlier.append((prev.index, [x for x in read_jsonl(prev.pairs, Pair) if x.iteration in (None, prev.index)]))
+        training = fresh + pair_rules.replay(len(fresh), earlier, p.replay, cfg.run.seed, stats)
+        pair_rules.finish_stats(stats, training)
+        write_jsonl(it.pairs, training)
         it.update_manifest(pairs=vars(stats))
-        return {"pairs": stats.pairs, "prompts_dropped": stats.prompts_dropped}
+        return {"pairs": stats.pairs, "training_pairs": stats.training_pairs, "prompts_dropped": stats.prompts_dropped}
 
     return _run_stage(it, "select_pairs", it.pairs, work)
 
@@ -161,16 +183,13 @@ def train(iter_dir: str, progress: Progress | None = None) -> str:
     cfg = it.run.config()
 
     def work():
-        pairs = read_jsonl(it.pairs, Pair)
-        if not pairs:
+        if not read_jsonl(it.pairs, Pair):
             reasons = it.manifest().get("pairs", {}).get("drop_reasons", {})
             raise RuntimeError(
                 f"no pairs kept in {it.pairs} (dropped: {reasons}); lower pairs.min_margin or "
                 "pairs.min_chosen_score, or raise sampling.n"
             )
-        policy = it.manifest()["parent_policy"]["path"]
-        metrics = train_dpo(policy, pairs, it.policy, cfg.train, cfg.policy.dtype,
-                            seed=cfg.run.seed * 1000 + it.index, progress=progress)
+        metrics = train_in_subprocess(it.path, cfg.train, progress)
         it.update_manifest(train=metrics)
         return {"steps": metrics["steps"]}
 

@@ -77,9 +77,14 @@ class Pair(Record):
     rejected: str
     chosen_candidate: int
     rejected_candidate: int
-    chosen_score: float
-    rejected_score: float
-    margin: float
+    chosen_score: float | None = None  # None: no judge ranked the pair (SPIN)
+    rejected_score: float | None = None
+    margin: float | None = None
+    chosen_tokens: int | None = None
+    rejected_tokens: int | None = None
+    chosen_policy: str | None = None  # who wrote it: iter_NNN (the sampling policy) or reference
+    rejected_policy: str | None = None
+    iteration: int | None = None  # the iteration whose candidates made the pair (replay: an earlier one)
 
 
 R = TypeVar("R", bound=Record)

@@ -1,97 +1,153 @@
-"""The contrastive update: TRL's DPOTrainer on this iteration's pairs, reference = π_t.
+"""The contrastive update: TRL's DPOTrainer, KTOTrainer or CPOTrainer on the iteration's pairs.
 
-The policy being trained starts as π_t, and the reference log-probabilities are
-computed from it once before the first step (TRL's `precompute_ref_log_probs`), so the
-reference is exactly the policy that sampled the candidates and no second copy of the
-model is kept in memory during training.
+The policy being trained starts as π_t. The reference is π_t (`train.reference: previous`)
+or π_0 (`initial`); either way its log-probabilities are computed once before the first
+step (TRL's `precompute_ref_log_probs`), reused by every epoch, and the reference model
+is freed before training starts. CPO has no reference.
+
+`train_policy` runs in a subprocess (nash/train_worker.py) started by `train_in_subprocess`,
+so the trainer's memory goes back to the system before the next stage, and the same worker
+runs under `accelerate launch` on several GPUs.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from collections import deque
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from nash.config import PAIRED_LOSSES
 from nash.records import Pair
 from nash.sampling import Progress
 
+PROGRESS_TAG = "nash-train-progress"
 
-def pairs_to_dataset(pairs: list[Pair]):
+
+def pairs_to_dataset(pairs: list[Pair], loss: str = "dpo"):
+    """Conversational rows: paired for DPO-family and CPO, unpaired halves (label True/False) for KTO."""
     from datasets import Dataset
 
-    return Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": p.prompt}],
-                "chosen": [{"role": "assistant", "content": p.chosen}],
-                "rejected": [{"role": "assistant", "content": p.rejected}],
-            }
-            for p in pairs
-        ]
-    )
+    def user(p):
+        return [{"role": "user", "content": p.prompt}]
+
+    def reply(text):
+        return [{"role": "assistant", "content": text}]
+
+    if loss == "kto":
+        rows = [row for p in pairs for row in (
+            {"prompt": user(p), "completion": reply(p.chosen), "label": True},
+            {"prompt": user(p), "completion": reply(p.rejected), "label": False},
+        )]
+    else:
+        rows = [{"prompt": user(p), "chosen": reply(p.chosen), "rejected": reply(p.rejected)} for p in pairs]
+    return Dataset.from_list(rows)
 
 
-def train_dpo(
-    policy_path: str,
-    pairs: list[Pair],
-    out_dir: Path,
-    train_cfg,
-    dtype: str = "float32",
-    seed: int = 0,
-    progress: Progress | None = None,
-) -> dict:
-    """Train π_t on `pairs`, save π_{t+1} to `out_dir` (HF format), return training metrics."""
+def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg, length_guard=None,
+                  dtype: str = "float32", seed: int = 0, initial_path: str | None = None, callbacks=()):
+    """The TRL trainer for `train.loss`, configured from the train section."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    work = out_dir.with_name(out_dir.name + ".trainer")
+    cfg = train_cfg
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=getattr(torch, dtype))
-    args = DPOConfig(
-        output_dir=str(work),
-        loss_type=["sigmoid"],
-        beta=train_cfg.beta,
-        learning_rate=train_cfg.learning_rate,
-        num_train_epochs=train_cfg.epochs,
-        per_device_train_batch_size=train_cfg.batch_size,
-        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-        max_length=train_cfg.max_length,
-        warmup_steps=train_cfg.warmup_ratio,
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch_dtype)
+    common = dict(
+        output_dir=str(work_dir),
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a share of the steps
         lr_scheduler_type="linear",
-        precompute_ref_log_probs=True,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
+        disable_tqdm=True,
         seed=seed,
         bf16=dtype == "bfloat16" and torch.cuda.is_available(),
+        fp16=dtype == "float16" and torch.cuda.is_available(),
     )
+    peft_config = None
+    if cfg.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    ref_model = None
+    if cfg.reference == "initial" and initial_path and cfg.loss != "cpo":
+        ref_model = AutoModelForCausalLM.from_pretrained(initial_path, dtype=torch_dtype)
+    dataset = pairs_to_dataset(pairs, cfg.loss)
+    kwargs = dict(model=model, train_dataset=dataset, processing_class=tokenizer,
+                  callbacks=list(callbacks), peft_config=peft_config)
+    if cfg.loss in PAIRED_LOSSES:
+        from trl import DPOConfig, DPOTrainer
+
+        downweight = length_guard is not None and length_guard.action == "downweight"
+        args = DPOConfig(**common, loss_type=[PAIRED_LOSSES[cfg.loss]], label_smoothing=cfg.label_smoothing,
+                         ld_alpha=length_guard.alpha if downweight else None, precompute_ref_log_probs=True)
+        return DPOTrainer(ref_model=ref_model, args=args, **kwargs)
+    if cfg.loss == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(**common, precompute_ref_log_probs=True)
+        return KTOTrainer(ref_model=ref_model, args=args, **kwargs)
+    if cfg.loss == "cpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(**common, loss_type="sigmoid", cpo_alpha=cfg.cpo_alpha)
+        return CPOTrainer(args=args, **kwargs)
+    raise ValueError(f"train.loss: unknown loss {cfg.loss!r}")
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, length_guard=None,
+                 dtype: str = "float32", seed: int = 0, initial_path: str | None = None,
+                 progress: Progress | None = None) -> dict:
+    """Train π_t on `pairs`, save π_{t+1} to `out_dir` (HF format, LoRA merged), return training metrics."""
+    from transformers import TrainerCallback
 
     class _Report(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if progress:
                 progress(state.global_step, state.max_steps)
 
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=pairs_to_dataset(pairs),
-        processing_class=tokenizer,
-        callbacks=[_Report()],
-    )
+    work = out_dir.with_name(out_dir.name + ".trainer")
+    trainer = build_trainer(policy_path, pairs, work, train_cfg, length_guard, dtype, seed, initial_path, [_Report()])
     result = trainer.train()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if train_cfg.lora is not None:
+        model = model.merge_and_unload()  # the next sampler loads a plain model
+    if trainer.accelerator.is_main_process:
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
 
     logs = [h for h in trainer.state.log_history if "loss" in h]
     first, last = (logs[0], logs[-1]) if logs else ({}, {})
     return {
+        "loss_function": train_cfg.loss,
+        "reference": "none" if train_cfg.loss == "cpo" else train_cfg.reference,
         "steps": trainer.state.global_step,
         "pairs": len(pairs),
         "train_loss": result.training_loss,
@@ -99,5 +155,49 @@ def train_dpo(
         "last_step_loss": last.get("loss"),
         "reward_margin": last.get("rewards/margins"),
         "reward_accuracy": last.get("rewards/accuracies"),
+        "reward_margin_mean": _mean([h.get("rewards/margins") for h in logs]),
+        "reward_accuracy_mean": _mean([h.get("rewards/accuracies") for h in logs]),
         "train_seconds": result.metrics.get("train_runtime"),
+        "pairs_per_second": round(len(pairs) * train_cfg.epochs / result.metrics["train_runtime"], 3)
+        if result.metrics.get("train_runtime") else None,
     }
+
+
+def worker_command(iter_dir: str | Path, train_cfg) -> list[str]:
+    if train_cfg.launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(train_cfg.num_processes),
+                "-m", "nash.train_worker", str(iter_dir)]
+    return [sys.executable, "-m", "nash.train_worker", str(iter_dir)]
+
+
+def train_in_subprocess(iter_dir: Path, train_cfg, progress: Progress | None = None) -> dict:
+    """Run nash/train_worker.py on the iteration; stream its progress; return what it wrote to train.json.
+
+    The worker's output goes to train.log in the iteration directory; a failure raises
+    with the log's last lines.
+    """
+    log_path, result_path = iter_dir / "train.log", iter_dir / "train.json"
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    cmd = worker_command(iter_dir, train_cfg)
+    tail: deque[str] = deque(maxlen=20)
+    bar = tqdm(desc="training", unit="step", leave=False)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            if line.startswith(PROGRESS_TAG):
+                done, total = map(int, line.split()[1:3])
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+                if progress:
+                    progress(done, total)
+                continue
+            log.write(line)
+            tail.append(line.rstrip())
+        rc = proc.wait()
+    bar.close()
+    if rc != 0 or not result_path.is_file():
+        raise RuntimeError(f"training subprocess exited with status {rc}; see {log_path}:\n  " + "\n  ".join(tail))
+    return json.loads(result_path.read_text(encoding="utf-8"))

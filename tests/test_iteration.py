@@ -49,13 +49,13 @@ def test_failed_stage_is_recorded_and_resumed(tmp_path, tiny_overrides, monkeypa
     cfg = load_config(None, tiny_overrides + ["run.name=r"])
     run = RunDir.create(tmp_path, cfg)
     calls = []
-    real_train = iteration.train_dpo
+    real_train = iteration.train_in_subprocess
 
     def broken(*a, **k):
         calls.append(1)
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(iteration, "train_dpo", broken)
+    monkeypatch.setattr(iteration, "train_in_subprocess", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         iteration.run_iteration(str(run.path))
     it = run.iterations()[0]
@@ -65,7 +65,7 @@ def test_failed_stage_is_recorded_and_resumed(tmp_path, tiny_overrides, monkeypa
     assert run.last_complete() is None
     samples_before = it.samples.read_bytes()
 
-    monkeypatch.setattr(iteration, "train_dpo", real_train)
+    monkeypatch.setattr(iteration, "train_in_subprocess", real_train)
     iteration.run_iteration(str(run.path))
     assert [i.index for i in run.iterations()] == [1] and it.complete
     assert it.samples.read_bytes() == samples_before  # paid-for samples were reused, not redrawn

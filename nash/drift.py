@@ -1,0 +1,57 @@
+"""How far a policy moved: the mean per-token KL between two policies on fixed text.
+
+KL is measured teacher-forced: both models read the same prompt and response, and at every
+response position the full next-token distributions are compared,
+KL(p || q) = sum_v p(v | prefix) (log p(v | prefix) - log q(v | prefix)), averaged over
+response tokens. Exact at each position, so no sampling noise on top of the choice of text.
+"""
+
+from __future__ import annotations
+
+
+def _load(path: str, dtype: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+
+
+def _encode(tok, prompts: list[str], responses: list[str], max_length: int):
+    """Chat-formatted prompt + response token ids, and which positions are response tokens."""
+    rows = []
+    for prompt, response in zip(prompts, responses):
+        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        p_ids = tok(head, add_special_tokens=False)["input_ids"]
+        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        ids = (p_ids + r_ids)[:max_length]
+        rows.append((ids, [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))))
+    return rows
+
+
+def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str], dtype: str = "float32",
+             batch_size: int = 4, max_length: int = 512) -> dict:
+    """Mean per-token KL(p || q) over the response tokens of (prompt, response) pairs."""
+    import torch
+    from transformers import AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(p_path)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    p_model, q_model = _load(p_path, dtype, device), _load(q_path, dtype, device)
+    rows = [r for r in _encode(tok, prompts, responses, max_length) if sum(r[1]) > 0]
+    total, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch], device=device)
+        attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=device)
+        resp = torch.tensor([m + [0] * (width - len(m)) for _, m in batch], device=device)
+        with torch.inference_mode():
+            lp = torch.log_softmax(p_model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+            lq = torch.log_softmax(q_model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)  # position i predicts token i + 1
+        mask = resp[:, 1:].float()
+        total += float((kl * mask).sum())
+        tokens += int(mask.sum())
+    return {"kl": total / tokens if tokens else None, "tokens": tokens, "sequences": len(rows)}
