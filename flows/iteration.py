@@ -74,7 +74,7 @@ def iteration_flow(iter_dir: str) -> str:
     create_table_artifact(
         [row],
         key=artifact_key("nash", Path(iter_dir).parent.name, Path(iter_dir).name),
-        description=f"{iter_dir}: candidates, pairs kept, held-out pass rate and win rate vs π_0",
+        description=f"{iter_dir}: pairs kept, training health (loss, reward accuracy, KL to π_t), held-out pass rate, win rate vs π_0",
     )
     log.info("iteration %s complete: pass rate %s (π_0 %s), win rate vs π_0 %s",
              row["iteration"], row["pass rate"], row["pass rate π_0"], row["win rate vs π_0"])

@@ -54,4 +54,5 @@ def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str],
         mask = resp[:, 1:].float()
         total += float((kl * mask).sum())
         tokens += int(mask.sum())
-    return {"kl": total / tokens if tokens else None, "tokens": tokens, "sequences": len(rows)}
+    # Each position's KL is >= 0; float32 rounding can leave a -1e-8 sum for identical models.
+    return {"kl": max(total / tokens, 0.0) if tokens else None, "tokens": tokens, "sequences": len(rows)}

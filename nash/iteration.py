@@ -19,9 +19,9 @@ from pathlib import Path
 
 from judges import build_judge
 from nash import evaluation
+from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
 from nash.judging import judge_samples, outcome_counts
-from nash import pairs as pair_rules
 from nash.policy import resolve_policy
 from nash.records import (
     USAGE,

@@ -4,6 +4,8 @@
 topics are drawn first and never appear in training, so the held-out pass rate measures
 constraint following on unseen subjects. Training prompts are shuffled once and cut into
 disjoint partitions, one per iteration (fresh prompts each iteration, as in DNO).
+`builtin:gold` is a shipped set of 160 general instructions with a gold answer each
+(128 train, 32 eval), for recipes that need gold answers offline (SPIN, DNO's teacher).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pydantic import ValidationError
 
 from nash import constraints
 from nash.records import Prompt
+
+GOLD = Path(__file__).parent / "data" / "gold.jsonl"
 
 TOPICS = [
     "the ocean", "volcanoes", "honeybees", "public libraries", "bicycles", "coffee",
@@ -101,13 +105,17 @@ def load_prompts(source: str, seed: int = 0, field: str = "prompt", eval_fractio
     """Load every prompt of a source, each marked train or eval."""
     if source == "builtin":
         return builtin_prompts(seed)
+    if source == "builtin:gold":
+        return load_prompts(str(GOLD), seed, "prompt", eval_fraction, "reference")
     if source.startswith("hf:"):
         return _from_rows(_load_hf(source[3:]), source, field, seed, eval_fraction, reference_field)
     path = Path(source).expanduser()
     if not path.is_file():
         raise PromptError(f"prompts.source: file not found: {source}")
     if path.suffix != ".jsonl":
-        raise PromptError(f"prompts.source: expected 'builtin', 'hf:<dataset>' or a .jsonl file, got {source}")
+        raise PromptError(
+            f"prompts.source: expected 'builtin', 'builtin:gold', 'hf:<dataset>' or a .jsonl file, got {source}"
+        )
     import json
 
     rows = []

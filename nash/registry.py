@@ -43,9 +43,12 @@ def now() -> str:
 
 def iteration_row(manifest: dict) -> dict:
     """One row of the per-iteration table (Prefect artifact and `nash status`)."""
-    m, p = manifest.get("metrics", {}), manifest.get("pairs", {})
-    def fmt(x):
-        return "-" if x is None else f"{x:.3f}"
+    m, p, t = manifest.get("metrics", {}), manifest.get("pairs", {}), manifest.get("train", {})
+
+    def fmt(x, digits=3):
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    replayed = sum(r.get("drawn", 0) for r in p.get("replayed", {}).values())
     return {
         "iteration": manifest.get("iteration"),
         "status": manifest.get("status", "missing"),
@@ -53,6 +56,12 @@ def iteration_row(manifest: dict) -> dict:
         "candidates": manifest.get("stages", {}).get("sample", {}).get("candidates", "-"),
         "pairs kept": p.get("pairs", "-"),
         "prompts dropped": p.get("prompts_dropped", "-"),
+        "replayed": replayed if p else "-",
+        "tokens chosen/rejected": f"{fmt(p.get('chosen_mean_tokens'), 0)}/{fmt(p.get('rejected_mean_tokens'), 0)}",
+        "loss": fmt(t.get("train_loss")),
+        "reward acc": fmt(t.get("reward_accuracy_mean"), 2),
+        "reward margin": fmt(t.get("reward_margin_mean")),
+        "KL to π_t": fmt(t.get("kl_from_parent"), 4),
         "pass rate": fmt(m.get("pass_rate")),
         "pass rate π_0": fmt(m.get("initial_pass_rate")),
         "win rate vs π_0": fmt(m.get("win_rate_vs_initial")),

@@ -43,7 +43,8 @@ def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, t
     tables = [a for a in by_type["table"] if a.key and a.key.startswith("nash-flowrun-iter")]
     assert {a.key for a in tables} == {"nash-flowrun-iter-001", "nash-flowrun-iter-002"}
     row = json.loads(tables[0].data)[0]
-    assert {"pairs kept", "pass rate", "win rate vs π_0", "candidates"} <= set(row)
+    assert {"pairs kept", "pass rate", "win rate vs π_0", "candidates", "KL to π_t", "reward acc"} <= set(row)
+    assert float(row["KL to π_t"]) >= 0 and row["loss"] != "-"
     summary = [a for a in by_type["markdown"] if a.key == "nash-flowrun-summary"]
     assert summary and "| 2 | complete |" in summary[0].data
     assert any(a.type == "progress" and a.data == 100.0 for a in arts)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -9,7 +10,7 @@ from nash.registry import RunDir, sha256_file
 
 
 def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_overrides):
-    cfg = load_config(None, tiny_overrides + ["run.name=t"])
+    cfg = load_config(None, tiny_overrides + ["run.name=t", "pairs.replay=[0.3]", "train.learning_rate=1e-3"])
     run = RunDir.create(tmp_path, cfg)
     first = iteration.run_iteration(str(run.path))
     second = iteration.run_iteration(str(run.path))
@@ -27,7 +28,12 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
         assert len(samples) == 6 * 4 and len(read_jsonl(it.judgments, Judgment)) == 24
         assert m["judge_outcomes"]["scored"] == 24 and m["judge_outcomes"]["failed"] == 0
         assert m["judge_stop"] == {"unjudged_prompts": 0, "budget_stop": None}
-        assert m["pairs"]["pairs"] == len(read_jsonl(it.pairs, Pair)) > 0
+        pairs = read_jsonl(it.pairs, Pair)
+        assert m["pairs"]["training_pairs"] == len(pairs) > 0
+        assert m["pairs"]["pairs"] == sum(p.iteration == it.index for p in pairs) > 0
+        # Training ran in its own process, and π_{t+1} moved away from π_t.
+        assert m["train"]["worker_pid"] != os.getpid() and m["train"]["kl_from_parent"] > 0
+        assert (it.path / "train.log").is_file()
         assert set(m["timings"]) == set(iteration.STAGES) and "transformers" in m["packages"]
         metrics = json.loads(it.metrics.read_text())
         assert 0.0 <= metrics["eval"]["pass_rate"] <= 1.0
@@ -37,6 +43,13 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
     spend1, spend2 = it1.manifest()["judge_spend"], it2.manifest()["judge_spend"]
     assert spend1["run"] == spend1["iteration"]
     assert spend2["run"]["tokens_in"] == spend1["iteration"]["tokens_in"] + spend2["iteration"]["tokens_in"]
+    # Replay: iteration 2 trains on 30% pairs drawn from iteration 1's own pairs.
+    replayed = [p for p in read_jsonl(it2.pairs, Pair) if p.iteration == 1]
+    fresh1 = {(p.prompt_id, p.chosen_candidate, p.rejected_candidate) for p in read_jsonl(it1.pairs, Pair)}
+    want = round(0.3 * it2.manifest()["pairs"]["pairs"] / 0.7)
+    assert it2.manifest()["pairs"]["replayed"] == {"iter_001": {"requested": want, "drawn": len(replayed)}}
+    assert len(replayed) == min(want, len(fresh1)) > 0
+    assert {(p.prompt_id, p.chosen_candidate, p.rejected_candidate) for p in replayed} <= fresh1
     # π_2 is trained from π_1 on fresh prompts.
     assert it2.manifest()["parent_policy"] == {"iteration": 1, "path": str(it1.policy)}
     assert not set(it1.manifest()["prompt_partition"]["ids"]) & set(it2.manifest()["prompt_partition"]["ids"])
@@ -117,3 +130,30 @@ def test_gold_answers_join_the_candidates(tmp_path, tiny_overrides):
     gold = [s for s in samples if s.policy == "reference"]
     assert len(samples) == 6 * 5 and len(gold) == 6
     assert all(s.candidate == 4 and s.response == f"thing {s.prompt_id[1:]} is small" for s in gold)
+
+
+def _up_to_train(tmp_path, overrides):
+    run = RunDir.create(tmp_path, load_config(None, overrides))
+    path = iteration.prepare(str(run.path))
+    for stage in (iteration.sample, iteration.judge, iteration.select):
+        stage(path)
+    return run, run.iterations()[0]
+
+
+def test_training_subprocess_failure_names_the_log_and_keeps_pairs(tmp_path, tiny_overrides):
+    run, it = _up_to_train(tmp_path, tiny_overrides + ["run.name=f"])
+    pairs_before = it.pairs.read_bytes()
+    it.update_manifest(parent_policy={"iteration": 0, "path": str(tmp_path / "no-such-policy")})
+    with pytest.raises(RuntimeError, match=r"training subprocess exited with status 1; see .*train\.log") as e:
+        iteration.train(str(it.path))
+    assert "no-such-policy" in str(e.value)  # the log's last lines travel with the error
+    assert "no-such-policy" in (it.path / "train.log").read_text()
+    assert it.manifest()["stages"]["train"]["status"] == "failed" and it.pairs.read_bytes() == pairs_before
+
+
+def test_accelerate_launcher_trains(tmp_path, tiny_overrides):
+    run, it = _up_to_train(tmp_path, tiny_overrides + ["run.name=acc", "train.launcher=accelerate"])
+    iteration.train(str(it.path))
+    log = (it.path / "train.log").read_text()
+    assert "accelerate.commands.launch --num_processes 1 -m nash.train_worker" in log
+    assert it.manifest()["train"]["steps"] > 0 and (it.policy / "model.safetensors").is_file()
