@@ -97,6 +97,16 @@ def parse_preference(text: str) -> str:
     return found[-1].lower()
 
 
+_P_A = re.compile(r"p_a=([0-9.]+)")
+
+
+def parse_probability(text: str) -> float:
+    m = _P_A.search(text)
+    if not m:
+        raise ParseError("no 'p_a=<probability>' in the weighted reply")
+    return float(m.group(1))
+
+
 def candidate_ids(k: int) -> list[str]:
     return [string.ascii_uppercase[i] if i < 26 else f"C{i}" for i in range(k)]
 
@@ -117,11 +127,14 @@ class LMJudge:
         self.cache = cache
         self.budget = budget or Budget()
         self.concurrency = concurrency
-        # Probability-weighted scores: pointwise only, and only where the backend can read them.
+        # Probability-weighted verdicts, where the backend can read them (local judges): the
+        # expected score (pointwise) or P(a) against P(b) (pairwise).
         self.weighted = None
         if getattr(cfg, "weighted", False) and cfg.protocol == "pointwise":
             low, high = self.SCALES["pointwise"]
             self.weighted = (int(low), int(high))
+        elif getattr(cfg, "weighted", False) and cfg.protocol == "pairwise":
+            self.weighted = "pairwise"
         self.identity = {**backend.identity, "protocol": cfg.protocol, "template": self.template.template,
                          "temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "weighted": self.weighted}
 
@@ -254,16 +267,25 @@ class LMJudge:
         second = {"a": "b", "b": "a", "tie": "tie"}[second]
         return first if first == second else "tie"
 
+    def _parse_verdict(self, text: str, _i: int = 0):
+        return parse_probability(text) if self.weighted == "pairwise" else parse_preference(text)
+
     def compare(self, prompt: Prompt, a: str, b: str) -> Judgment:
         """Candidate 0 (`a`) against candidate 1 (`b`), asked in both orders."""
-        r1, r2 = self._ask(self._compare_requests(prompt, [(a, b)]), lambda t, _i: parse_preference(t))
+        r1, r2 = self._ask(self._compare_requests(prompt, [(a, b)]), self._parse_verdict)
         return self._pair_judgment(prompt, 0, 1, r1, r2)
 
     def _pair_judgment(self, prompt, i, j, r1, r2) -> Judgment:
         usage = {k: r1[k] + r2[k] for k in USAGE}
         usage["raw"] = f"{r1['raw']}\n---\n{r2['raw']}" if r1["raw"] or r2["raw"] else None
-        verdict = self._agree(r1["value"], r2["value"])
         details = {"orders": [r1["value"], r2["value"]]}
+        if self.weighted == "pairwise" and r1["value"] is not None and r2["value"] is not None:
+            # P(a wins), averaged over both orders (the second asked with a and b swapped).
+            p_a = (r1["value"] + 1.0 - r2["value"]) / 2
+            details["p_a"] = p_a
+            verdict = "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
+        else:
+            verdict = self._agree(r1["value"], r2["value"])
         if verdict is None:
             return self._judgment(prompt, i, usage, outcome="failed", other=j, details=details,
                                   error=r1["error"] or r2["error"])
@@ -275,7 +297,7 @@ class LMJudge:
     def _score_pairwise(self, prompt, candidates):
         index_pairs = list(combinations(range(len(candidates)), 2))
         results = self._ask(self._compare_requests(prompt, [(candidates[i], candidates[j]) for i, j in index_pairs]),
-                            lambda t, _i: parse_preference(t))
+                            self._parse_verdict)
         comparisons = [self._pair_judgment(prompt, i, j, results[2 * n], results[2 * n + 1])
                        for n, (i, j) in enumerate(index_pairs)]
         out = []

@@ -32,8 +32,10 @@ class LocalBackend:
     def _tokens_in(self, text: str) -> int:
         return len(self.sampler.tokenizer(self.sampler.chat_text(text), add_special_tokens=False)["input_ids"])
 
-    def complete(self, requests, temperature, max_tokens, weighted: tuple[int, int] | None = None):
+    def complete(self, requests, temperature, max_tokens, weighted: tuple[int, int] | str | None = None):
         texts = [m[-1]["content"] for m in requests]
+        if weighted == "pairwise":
+            return self._weighted_choice(texts)
         if weighted:
             return self._weighted(texts, *weighted)
         params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_tokens, seed=self.seed)
@@ -41,36 +43,54 @@ class LocalBackend:
         return [Reply(text=c[0].text, tokens_in=self._tokens_in(t), tokens_out=c[0].num_tokens)
                 for t, c in zip(texts, completions)]
 
-    def _value_tokens(self, low: int, high: int) -> tuple[str, dict[int, int]]:
-        """A reply prefix and, for each scale value, the one token that writes it after the prefix."""
+    def _option_tokens(self, prefixes, options, required) -> tuple[str, dict[str, int]]:
+        """A reply prefix and, for each option, the one token that writes it after the prefix."""
         tok = self.sampler.tokenizer
-        for prefix in SCORE_PREFIXES:
+        for prefix in prefixes:
             base = tok.encode(prefix, add_special_tokens=False)
             ids = {}
-            for v in range(low, high + 1):
-                full = tok.encode(prefix + str(v), add_special_tokens=False)
+            for v in options:
+                full = tok.encode(prefix + v, add_special_tokens=False)
                 if len(full) == len(base) + 1 and full[: len(base)] == base:
                     ids[v] = full[-1]
-            if len(ids) == high - low + 1:
+            if all(r in ids for r in required):
                 return prefix, ids
-        raise ValueError("judge.weighted: this tokenizer does not write each score value as one token")
+        raise ValueError(f"judge.weighted: this tokenizer does not write each of {required} as one token")
 
-    def _weighted(self, texts: list[str], low: int, high: int) -> list[Reply]:
+    def _next_token_probs(self, texts: list[str], prefix: str, ids: list[int]):
+        """Per text: probabilities of `ids` as the next token after the prefilled reply, and tokens in."""
         torch, tok, model = self.sampler.torch, self.sampler.tokenizer, self.sampler.model
-        prefix, ids = self._value_tokens(low, high)
         chats = [self.sampler.chat_text(t) + prefix for t in texts]
-        out = []
         for start in range(0, len(chats), self.sampler.batch_size):
             enc = tok(chats[start : start + self.sampler.batch_size], return_tensors="pt", padding=True,
                       add_special_tokens=False).to(self.sampler.device)
             with torch.inference_mode():
                 logits = model(**enc).logits[:, -1, :].float()
-            probs = torch.softmax(logits, dim=-1)[:, list(ids.values())]
-            mass = probs.sum(dim=-1)
-            values = torch.tensor(list(ids), dtype=probs.dtype, device=probs.device)
-            expected = (probs * values).sum(dim=-1) / mass
-            for row, e, m in zip(enc["input_ids"], expected.tolist(), mass.tolist()):
+            probs = torch.softmax(logits, dim=-1)[:, ids]
+            for row, pr in zip(enc["input_ids"], probs.tolist()):
                 n_in = int((row != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(row)
-                out.append(Reply(text=f"{prefix}{e:.4f}\n(weighted over {low}..{high}; probability on the scale {m:.3f})",
-                                 tokens_in=n_in, tokens_out=1))
+                yield pr, n_in
+
+    def _weighted(self, texts: list[str], low: int, high: int) -> list[Reply]:
+        values = [str(v) for v in range(low, high + 1)]
+        prefix, ids = self._option_tokens(SCORE_PREFIXES, values, values)
+        out = []
+        for pr, n_in in self._next_token_probs(texts, prefix, list(ids.values())):
+            mass = sum(pr)
+            e = sum(p * int(v) for p, v in zip(pr, ids)) / mass
+            out.append(Reply(text=f"{prefix}{e:.4f}\n(weighted over {low}..{high}; probability on the scale {mass:.3f})",
+                             tokens_in=n_in, tokens_out=1))
+        return out
+
+    def _weighted_choice(self, texts: list[str]) -> list[Reply]:
+        """Pairwise: P(a) against P(b) (a tie token, where it is one token, counts half) after 'Better: '."""
+        prefix, ids = self._option_tokens(("Better: ", "Better:"), ("a", "b", "tie"), ("a", "b"))
+        out = []
+        for pr, n_in in self._next_token_probs(texts, prefix, list(ids.values())):
+            p = dict(zip(ids, pr))
+            mass = sum(pr)
+            p_a = (p["a"] + 0.5 * p.get("tie", 0.0)) / mass
+            verdict = "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
+            out.append(Reply(text=f"{prefix}{verdict}\n(p_a={p_a:.6f}; probability on the options {mass:.3f})",
+                             tokens_in=n_in, tokens_out=1))
         return out

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nash.policy import EMBEDDED
 
@@ -225,6 +226,46 @@ class TrainSection(Section):
 class EvalSection(Section):
     num_prompts: int = Field(64, ge=0, description="Held-out prompts to evaluate (0: all).")
     max_new_tokens: int = Field(96, ge=1)
+    reference: str = Field(
+        "initial",
+        description="Reference outputs the win rate is taken against: 'initial' (π_0's greedy answers on the "
+        "held-out split, generated once per run), or an AlpacaEval-layout set (instruction, output, generator): "
+        "a .jsonl path or 'hf:<dataset>[:split]', e.g. hf:tatsu-lab/alpaca_eval:eval.",
+    )
+    judge: JudgeSection | None = Field(None, description="Annotator; default: the run's judge (self: π_0).")
+    weighted: bool = Field(True, description="Local LM annotators: preference from P(a) vs P(b) after 'Better: '.")
+    lc_glm: Literal["length_controlled_minimal", "length_controlled_v1"] = Field(
+        "length_controlled_minimal",
+        description="AlpacaEval GLM for the length-controlled win rate; v1 adds AlpacaEval's instruction "
+        "difficulty and needs the public AlpacaEval set and a hub.",
+    )
+    drift_text: str = Field("builtin", description="General text for perplexity: 'builtin' or a .jsonl with 'text'.")
+    drift_prompts: int = Field(32, ge=0, description="Held-out prompts for KL(π_t || π_0) (0: skip drift).")
+    promote_if: list[str] = Field(
+        [], description="Conditions for promoting an iteration, each 'METRIC OP best|previous|NUMBER', "
+        "e.g. 'win_rate >= best', 'kl_from_initial <= 0.5'. Empty: every complete iteration is promoted.",
+    )
+    warn_win_rate_drop: float = Field(0.05, ge=0.0, description="Warn when win rate falls by more than this.")
+    warn_kl_ratio: float = Field(2.0, gt=1.0, description="Warn when KL from π_0 grows more than this factor.")
+
+    @field_validator("promote_if")
+    @classmethod
+    def _conditions(cls, v):
+        for c in v:
+            parse_condition(c)
+        return v
+
+
+PROMOTE_METRICS = ("win_rate", "lc_win_rate", "pass_rate", "kl_from_initial", "perplexity", "mean_length")
+_CONDITION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*(best|previous|[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_condition(text: str) -> tuple[str, str, str]:
+    m = _CONDITION.match(text)
+    if not m or m.group(1) not in PROMOTE_METRICS:
+        raise ValueError(f"cannot read {text!r}; expected 'METRIC OP best|previous|NUMBER' "
+                         f"with METRIC one of {', '.join(PROMOTE_METRICS)} and OP one of >=, <=, >, <")
+    return m.group(1), m.group(2), m.group(3)
 
 
 class Config(Section):

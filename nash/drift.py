@@ -56,3 +56,50 @@ def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str],
         tokens += int(mask.sum())
     # Each position's KL is >= 0; float32 rounding can leave a -1e-8 sum for identical models.
     return {"kl": max(total / tokens, 0.0) if tokens else None, "tokens": tokens, "sequences": len(rows)}
+
+
+def load_texts(source: str = "builtin") -> list[str]:
+    """General text for perplexity: the shipped paragraphs, or a .jsonl with a 'text' field."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "general_text.jsonl" if source == "builtin" else Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.drift_text: file not found: {source}")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{lineno}: missing 'text' (eval.drift_text)")
+                texts.append(row["text"])
+    return texts
+
+
+def perplexity(model_path: str, texts: list[str], dtype: str = "float32", batch_size: int = 4,
+               max_length: int = 512) -> dict:
+    """Token-weighted perplexity of a policy on plain text (no chat template)."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_path)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = _load(model_path, dtype, device)
+    rows = [tok(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
+    nll, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(r) for r in batch)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=device)
+        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=device)
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        got = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        mask = attn[:, 1:].float()
+        nll -= float((got * mask).sum())
+        tokens += int(mask.sum())
+    return {"perplexity": math.exp(nll / tokens), "tokens": tokens, "texts": len(rows)}

@@ -1,92 +1,260 @@
-"""Evaluation on the held-out split: constraint pass rate and win rate against π_0.
+"""Evaluation: win rate against reference outputs (plain and length-controlled), pass rates, drift.
 
-Each policy answers every held-out prompt once, greedily, so two policies are compared
-on the same prompts without sampling noise. The win rate counts a tie as half and
-leaves out (and counts) any prompt either side failed to get judged on.
+Each policy answers every evaluation prompt once, greedily, so two policies are compared on
+the same prompts without sampling noise. Each answer is annotated against the reference
+output of its prompt by a judge in pairwise mode: LM judges are asked in both orders (a
+verdict counts only when both orders agree, otherwise it is a tie; a local judge gives a
+probability instead), other judges score both outputs. Preferences follow AlpacaEval:
+1 = reference wins, 2 = policy wins, 1.5 = tie, fractional when weighted.
+
+The win rate is the mean preference for the policy (ties half) with its standard error
+over the n annotated prompts; failed or unjudged prompts are counted, never dropped
+silently. The length-controlled win rate is AlpacaEval 2.0's GLM, fitted with the
+`alpaca_eval` package's own design-matrix and logistic-regression code.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
 from judges.base import Judge
-from nash.judging import judge_samples
-from nash.records import Judgment, Prompt, Sample, read_jsonl, write_jsonl
+from nash.judging import judge_samples, outcome_counts
+from nash.records import USAGE, Judgment, Prompt, Sample, read_jsonl, write_jsonl
 from nash.sampling import Progress, SamplingParams, build_sampler
 
+MODEL, REFERENCE = 0, 1  # candidate indices in an annotation
 
-def answer_and_judge(
-    policy_path: str,
-    prompts: list[Prompt],
-    cfg,
-    judge: Judge,
-    out_dir: Path,
-    policy_label: str,
-    progress: Progress | None = None,
-) -> list[Judgment]:
-    """Greedy answers of one policy to `prompts`, judged; files kept in `out_dir` and reused."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_path = out_dir / "samples.jsonl"
-    if samples_path.is_file():
-        samples = read_jsonl(samples_path, Sample)
+
+# -- reference sets -------------------------------------------------------------------------
+
+
+class ReferenceError(ValueError):
+    pass
+
+
+def load_reference_set(source: str, num_prompts: int) -> list[Prompt]:
+    """An AlpacaEval-layout set (instruction, output, generator) as prompts with reference outputs."""
+    if source.startswith("hf:"):
+        import datasets
+
+        name, _, split = source[3:].partition(":")
+        try:
+            ds = datasets.load_dataset(name, split=split or "eval")
+        except Exception as e:  # offline, unknown id, bad split
+            raise ReferenceError(f"eval.reference: cannot load dataset {name!r} (split {split or 'eval'!r}): {e}") from None
+        rows, where = list(ds), source
     else:
-        sampler = build_sampler(cfg.sampling.backend, policy_path, cfg.policy.dtype, cfg.sampling.batch_size)
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.run.seed)
-        completions = sampler.generate([p.text for p in prompts], params, progress)
-        samples = [
-            Sample(prompt_id=p.id, candidate=0, prompt=p.text, response=c[0].text,
-                   num_tokens=c[0].num_tokens, policy=policy_label)
-            for p, c in zip(prompts, completions)
-        ]
-        write_jsonl(samples_path, samples)
-    judgments, _ = judge_samples(judge, {p.id: p for p in prompts}, samples, out_dir / "judgments.jsonl")
-    return judgments
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ReferenceError(f"eval.reference: file not found: {source}")
+        rows, where = [], str(path)
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ReferenceError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+    prompts = []
+    for i, row in enumerate(rows[: num_prompts or None]):
+        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+        if missing:
+            raise ReferenceError(f"{where}: row {i + 1}: missing {', '.join(missing)} (AlpacaEval layout: "
+                                 "instruction, output, generator)")
+        prompts.append(Prompt(id=f"ref-{i:04d}", text=row["instruction"], split="eval", reference=row["output"],
+                              generator=str(row.get("generator") or "reference")))
+    if not prompts:
+        raise ReferenceError(f"eval.reference: {where} has no rows")
+    return prompts
 
 
-def summarize(judgments: list[Judgment], samples_path: Path | None = None) -> dict:
-    scored = [j for j in judgments if j.outcome == "scored"]
-    checked = [j for j in scored if j.details.get("passed")]
-    per_constraint: dict[str, list[bool]] = defaultdict(list)
-    for j in scored:
-        for name, ok in j.details.get("passed", {}).items():
-            per_constraint[name.split("(")[0]].append(ok)
-    checks = [ok for oks in per_constraint.values() for ok in oks]
-    out = {
-        "n": len(scored),
-        "failed": len(judgments) - len(scored),
-        "mean_score": sum(j.score for j in scored) / len(scored) if scored else None,
-        # Pass rates exist only for judges that check constraints (rules, or rules in a composite).
-        "pass_rate": sum(all(j.details["passed"].values()) for j in checked) / len(checked) if checked else None,
-        "constraint_pass_rate": sum(checks) / len(checks) if checks else None,
-        "per_constraint": {k: round(sum(v) / len(v), 4) for k, v in sorted(per_constraint.items())},
-    }
-    if samples_path and samples_path.is_file():
-        samples = read_jsonl(samples_path, Sample)
-        out["mean_tokens"] = sum(s.num_tokens for s in samples) / max(1, len(samples))
-    return out
+# -- answers and annotation -----------------------------------------------------------------
 
 
-def win_rate(new: list[Judgment], base: list[Judgment]) -> dict:
-    """Per-prompt comparison of pointwise scores; ties count half."""
-    base_by = {j.prompt_id: j for j in base}
-    wins = ties = losses = unjudged = 0
-    for j in new:
-        b = base_by.get(j.prompt_id)
-        if j.outcome != "scored" or b is None or b.outcome != "scored":
-            unjudged += 1
-        elif j.score > b.score:
-            wins += 1
-        elif j.score == b.score:
-            ties += 1
+def answer(policy_path: str, prompts: list[Prompt], cfg, out_dir: Path, label: str,
+           progress: Progress | None = None) -> list[Sample]:
+    """Greedy answers of one policy to `prompts`, kept in `out_dir/samples.jsonl` and reused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "samples.jsonl"
+    if path.is_file():
+        return read_jsonl(path, Sample)
+    sampler = build_sampler(cfg.sampling.backend, policy_path, cfg.policy.dtype, cfg.sampling.batch_size)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.run.seed)
+    completions = sampler.generate([p.text for p in prompts], params, progress)
+    samples = [Sample(prompt_id=p.id, candidate=0, prompt=p.text, response=c[0].text, num_tokens=c[0].num_tokens,
+                      policy=label) for p, c in zip(prompts, completions)]
+    write_jsonl(path, samples)
+    return samples
+
+
+class PairwiseAnnotator:
+    """Wraps any judge so that `score(prompt, [policy_output, reference_output])` annotates the pair.
+
+    Candidate 0 gets the policy's preference in [0, 1] as its score, candidate 1 the
+    complement; a failed annotation fails both. The judge's usage is booked on candidate 0.
+    """
+
+    def __init__(self, judge: Judge):
+        self.judge = judge
+        self.name = f"pairwise:{judge.name}"
+        self.concurrency = getattr(judge, "concurrency", 1)
+
+    def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
+        model, ref = candidates
+        if hasattr(self.judge, "compare"):
+            j = self.judge.compare(prompt, model, ref)
+            p = j.details.get("p_a")
+            if p is None and j.outcome != "failed":
+                p = 0.5 if j.outcome == "tie" else float(j.winner == 0)
+            usage = {k: getattr(j, k) for k in USAGE}
+            details, raw, error = j.details, j.raw, j.error
         else:
-            losses += 1
-    n = wins + ties + losses
+            js = self.judge.score(prompt, [model, ref])
+            usage = {k: sum(getattr(x, k) for x in js) for k in USAGE}
+            ok = all(x.outcome == "scored" for x in js)
+            p = (0.5 if js[0].score == js[1].score else float(js[0].score > js[1].score)) if ok else None
+            details = {"scores": [x.score for x in js], "model": js[0].details, "reference": js[1].details}
+            raw, error = None, next((x.error for x in js if x.outcome == "failed"), None)
+        out = []
+        for k in (MODEL, REFERENCE):
+            fields = dict(usage) if k == MODEL else dict.fromkeys(USAGE, 0)
+            if p is None:
+                out.append(Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="failed",
+                                    details=details, raw=raw, error=error or "annotation failed", **fields))
+            else:
+                out.append(Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="scored",
+                                    score=p if k == MODEL else 1.0 - p, details=details, raw=raw, **fields))
+        return out
+
+
+def annotate(judge: Judge, prompts: list[Prompt], model: list[Sample], reference: dict[str, str],
+             out_path: Path, progress: Progress | None = None) -> tuple[list[Judgment], dict]:
+    """Annotate each policy answer against its prompt's reference output; append-only, resumable."""
+    pairs = []
+    for s in model:
+        if s.prompt_id in reference:
+            pairs += [s.model_copy(update={"candidate": MODEL}),
+                      Sample(prompt_id=s.prompt_id, candidate=REFERENCE, prompt=s.prompt,
+                             response=reference[s.prompt_id], num_tokens=0, policy="reference")]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return judge_samples(PairwiseAnnotator(judge), {p.id: p for p in prompts}, pairs, out_path, progress)
+
+
+def preferences(annotations: list[Judgment]) -> dict[str, float | None]:
+    """AlpacaEval preference per prompt (1: reference wins, 2: policy wins), None when failed."""
+    return {j.prompt_id: (1.0 + j.score if j.outcome == "scored" else None)
+            for j in annotations if j.candidate == MODEL}
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def win_rate(prefs: list[float | None], expected: int | None = None) -> dict:
+    """Win rate of the policy (ties half), its standard error (ddof 1) and counts, in [0, 1]."""
+    got = [p - 1.0 for p in prefs if p is not None]
+    n = len(got)
+    mean = sum(got) / n if n else None
+    se = math.sqrt(sum((x - mean) ** 2 for x in got) / (n - 1) / n) if n > 1 else None
     return {
-        "win_rate": (wins + 0.5 * ties) / n if n else None,
-        "wins": wins,
-        "ties": ties,
-        "losses": losses,
+        "win_rate": mean,
+        "standard_error": se,
         "n": n,
-        "unjudged": unjudged,
+        "wins": sum(x > 0.5 for x in got),
+        "ties": sum(x == 0.5 for x in got),
+        "losses": sum(x < 0.5 for x in got),
+        "failed": len(prefs) - n,
+        "unjudged": (expected - len(prefs)) if expected is not None else 0,
     }
+
+
+def length_controlled(prefs: list[float], model_outputs: list[str], ref_outputs: list[str],
+                      glm: str = "length_controlled_minimal", instruction_index: list[int] | None = None) -> dict:
+    """AlpacaEval 2.0's length-controlled win rate on these annotations, in [0, 1].
+
+    `length_controlled_minimal` (intercept plus tanh of the standardised length difference) is
+    fitted here with the package's design-matrix and cross-validated logistic-regression code,
+    so it runs offline on any set. `length_controlled_v1` adds AlpacaEval's instruction
+    difficulty and regularisation towards its gamed baselines; it calls the package's
+    `get_length_controlled_winrate` itself and needs the public AlpacaEval set and a hub.
+    """
+    import pandas as pd
+
+    n = len(prefs)
+    if n < 5:
+        return {"lc_win_rate": None, "lc_standard_error": None, "lc_note": f"needs at least 5 annotations, got {n}"}
+    if glm == "length_controlled_v1":
+        from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
+
+        df = alpaca_eval_frame(prefs, model_outputs, ref_outputs, instruction_index)
+        out = get_length_controlled_winrate(df, glm_name=glm, save_weights_dir=None, is_warn_extreme_changes=False)
+        return {"lc_win_rate": out["length_controlled_winrate"] / 100,
+                "lc_standard_error": out["lc_standard_error"] / 100, "lc_glm": glm}
+    from alpaca_eval.metrics.glm_winrate import GLM_INFO, fit_LogisticRegressionCV, make_dmatrix_for_model
+
+    info = GLM_INFO[glm]
+    delta = pd.Series([len(r) - len(m) for m, r in zip(model_outputs, ref_outputs)], dtype=float)
+    if delta.std() == 0 or math.isnan(delta.std()):
+        std = delta * 0.0  # every pair the same length difference: nothing to control for
+    else:
+        std = delta / delta.std()
+    df = pd.DataFrame({"preference": [p - 1.0 for p in prefs], "std_delta_len": std,
+                       "instruction_difficulty": 0.0, "not_gamed_baseline": True})
+    test = df[["instruction_difficulty", "not_gamed_baseline"]].copy()
+    test["std_delta_len"] = 0
+    train, x_test = make_dmatrix_for_model(df, test, formula=info["formula"])
+    model = fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, **info["kwargs"])
+    predicted = pd.Series(model.predict_proba(x_test)[:, 1])
+    return {"lc_win_rate": float(predicted.mean()), "lc_standard_error": float(predicted.sem()), "lc_glm": glm}
+
+
+def alpaca_eval_frame(prefs, model_outputs, ref_outputs, instruction_index=None, generator="policy",
+                      reference_generator="reference", annotator="nash"):
+    """Annotations in the layout the `alpaca_eval` package reads (output_1: the reference)."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "index": instruction_index or list(range(len(prefs))), "preference": prefs,
+        "output_1": ref_outputs, "output_2": model_outputs, "generator_1": reference_generator,
+        "generator_2": generator, "annotator": annotator,
+    })
+
+
+def pass_rates(annotations: list[Judgment], side: str = "model") -> dict:
+    """Constraint pass rates of one side's outputs, where the judge checks constraints (rules)."""
+    passed = [j.details.get(side, {}).get("passed") for j in annotations if j.candidate == MODEL]
+    passed = [p for p in passed if p]
+    per: dict[str, list[bool]] = defaultdict(list)
+    for p in passed:
+        for name, ok in p.items():
+            per[name.split("(")[0]].append(ok)
+    checks = [ok for oks in per.values() for ok in oks]
+    return {
+        "pass_rate": sum(all(p.values()) for p in passed) / len(passed) if passed else None,
+        "constraint_pass_rate": sum(checks) / len(checks) if checks else None,
+        "per_constraint": {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())},
+    }
+
+
+def compare(judge: Judge, prompts: list[Prompt], model: list[Sample], reference: dict[str, str],
+            out_path: Path, glm: str, progress: Progress | None = None) -> dict:
+    """Annotate and summarise one comparison: win rate, LC win rate, lengths, pass rates, usage."""
+    annotations, info = annotate(judge, prompts, model, reference, out_path, progress)
+    prefs = preferences(annotations)
+    order = [s for s in model if s.prompt_id in reference]
+    result = win_rate([prefs[s.prompt_id] for s in order if s.prompt_id in prefs], expected=len(order))
+    ok = [s for s in order if prefs.get(s.prompt_id) is not None]
+    result.update(length_controlled([prefs[s.prompt_id] for s in ok], [s.response for s in ok],
+                                    [reference[s.prompt_id] for s in ok], glm,
+                                    [int(s.prompt_id[4:]) if s.prompt_id.startswith("ref-") else i
+                                     for i, s in enumerate(ok)]))
+    result["mean_tokens"] = sum(s.num_tokens for s in order) / len(order) if order else None
+    result["mean_chars"] = sum(len(s.response) for s in order) / len(order) if order else None
+    result["reference_mean_chars"] = sum(len(reference[s.prompt_id]) for s in order) / len(order) if order else None
+    result.update(pass_rates(annotations))
+    result["reference_pass_rate"] = pass_rates(annotations, "reference")["pass_rate"]
+    result["budget_stop"] = info["budget_stop"]
+    result["usage"] = outcome_counts(annotations)
+    return result

@@ -12,15 +12,17 @@ one to one (flows/); `run_iteration` runs them without Prefect.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from judges import build_judge
-from nash import evaluation
+from nash import evaluation, report
 from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
+from nash.drift import load_texts, perplexity, token_kl
 from nash.judging import judge_samples, outcome_counts
 from nash.policy import resolve_policy
 from nash.records import (
@@ -37,6 +39,7 @@ from nash.registry import IterationDir, RunDir, now, package_versions
 from nash.sampling import Progress, SamplingParams, build_sampler
 from nash.training import train_in_subprocess
 
+log = logging.getLogger("nash")
 STAGES = ("sample", "judge", "select_pairs", "train", "evaluate")
 
 
@@ -74,6 +77,16 @@ def preflight(cfg, run: RunDir) -> None:
             f"{cfg.prompts.reference_field!r} value (prompts.reference_field)"
         )
     resolve_policy(cfg.policy.model)
+    _eval_prompts(cfg, all_prompts)
+    if cfg.eval.drift_prompts:
+        load_texts(cfg.eval.drift_text)
+
+
+def _eval_prompts(cfg, all_prompts):
+    """The held-out split (reference: initial) or the reference set's instructions."""
+    if cfg.eval.reference == "initial":
+        return prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts)
+    return evaluation.load_reference_set(cfg.eval.reference, cfg.eval.num_prompts)
 
 
 def prepare(run_dir: str) -> str:
@@ -86,7 +99,7 @@ def prepare(run_dir: str) -> str:
         return str(it.path)
     all_prompts = _load_prompts(cfg)
     if not run.eval_prompts.is_file():
-        write_jsonl(run.eval_prompts, prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts))
+        write_jsonl(run.eval_prompts, _eval_prompts(cfg, all_prompts))
     part = prompt_sources.partition(all_prompts, it.index, cfg.prompts.partition_size, cfg.prompts.seed)
     parent = run.last_complete()
     parent_policy = str(parent.policy) if parent else resolve_policy(cfg.policy.model)
@@ -196,32 +209,96 @@ def train(iter_dir: str, progress: Progress | None = None) -> str:
     return _run_stage(it, "train", it.policy, work)
 
 
+def eval_judge(cfg):
+    """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0."""
+    jcfg = cfg.eval.judge or cfg.judge
+    if jcfg.kind in ("openai", "self", "hf"):
+        update = {"protocol": "pairwise", "template": None}
+        if jcfg.kind != "openai":
+            update["weighted"] = cfg.eval.weighted
+        jcfg = jcfg.model_copy(update=update)
+    return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model))
+
+
+def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], progress=None) -> tuple[dict, str]:
+    """The outputs a policy is compared with: the reference set, π_0's answers, or iter_M's answers."""
+    if against == "reference" and cfg.eval.reference != "initial":
+        return {p.id: p.reference for p in prompts}, prompts[0].generator or "reference"
+    if against in ("reference", "iter_000"):
+        base = evaluation.answer(resolve_policy(cfg.policy.model), prompts, cfg, run.baseline_dir / "eval",
+                                 "iter_000", progress)
+        return {s.prompt_id: s.response for s in base}, "iter_000"
+    other = IterationDir(run, int(against.removeprefix("iter_"))) if against.startswith("iter_") else None
+    if other is None or not other.complete or not (other.eval_dir / "samples.jsonl").is_file():
+        raise ValueError(f"--against {against}: expected 'reference' or iter_M of a complete iteration of {run.name}")
+    return {s.prompt_id: s.response for s in read_jsonl(other.eval_dir / "samples.jsonl", Sample)}, against
+
+
+def compare_iteration(it: IterationDir, against: str = "reference", progress=None, judge_=None) -> dict:
+    """Annotate iteration `it`'s held-out answers against `against`; files under eval/vs_<against>/."""
+    run, cfg = it.run, it.run.config()
+    prompts = read_jsonl(run.eval_prompts, Prompt)
+    model = evaluation.answer(str(it.policy), prompts, cfg, it.eval_dir, f"iter_{it.index:03d}", progress)
+    reference, generator = reference_outputs(run, cfg, against, prompts, progress)
+    result = evaluation.compare(judge_ or eval_judge(cfg), prompts, model, reference,
+                                it.eval_dir / f"vs_{against}" / "judgments.jsonl", cfg.eval.lc_glm, progress)
+    return {"against": against, "generator": generator, **result}
+
+
+def drift(it: IterationDir, cfg) -> dict:
+    """KL(π_t || π_0) on held-out prompts (π_t's own answers) and perplexity on general text."""
+    if not cfg.eval.drift_prompts:
+        return {}
+    run, initial = it.run, resolve_policy(cfg.policy.model)
+    answers = read_jsonl(it.eval_dir / "samples.jsonl", Sample)[: cfg.eval.drift_prompts]
+    kl = token_kl(str(it.policy), initial, [s.prompt for s in answers], [s.response for s in answers],
+                  cfg.policy.dtype, max_length=cfg.train.max_length)
+    texts = load_texts(cfg.eval.drift_text)
+    base_path = run.baseline_dir / "drift.json"
+    if not base_path.is_file():
+        run.baseline_dir.mkdir(parents=True, exist_ok=True)
+        write_json(base_path, perplexity(initial, texts, cfg.policy.dtype))
+    return {"kl_from_initial": kl["kl"], "kl_tokens": kl["tokens"],
+            "perplexity": perplexity(str(it.policy), texts, cfg.policy.dtype)["perplexity"],
+            "initial_perplexity": json.loads(base_path.read_text())["perplexity"]}
+
+
 def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
     it = IterationDir.from_path(iter_dir)
-    run, cfg = it.run, it.run.config()
+    cfg = it.run.config()
 
     def work():
-        held_out = read_jsonl(run.eval_prompts, Prompt)
-        # A fixed judge for every iteration's evaluation: `self` judging means π_0 judging.
-        initial = resolve_policy(cfg.policy.model)
-        judge_ = build_judge(cfg.judge, policy_path=initial)
-        base_dir = run.baseline_dir / "eval"
-        base = evaluation.answer_and_judge(initial, held_out, cfg, judge_,
-                                           base_dir, "iter_000", progress)
-        new = evaluation.answer_and_judge(str(it.policy), held_out, cfg, judge_, it.eval_dir,
-                                          f"iter_{it.index:03d}", progress)
+        result = compare_iteration(it, "reference", progress)
+        drifted = drift(it, cfg)
+        head = {
+            "iteration": it.index, "against": result["generator"], "n": result["n"],
+            "win_rate": result["win_rate"], "win_rate_se": result["standard_error"],
+            "lc_win_rate": result["lc_win_rate"], "failed": result["failed"] + result["unjudged"],
+            "mean_length": result["mean_tokens"], "pass_rate": result["pass_rate"],
+            "kl_from_initial": drifted.get("kl_from_initial"), "perplexity": drifted.get("perplexity"),
+        }
+        earlier = report.headlines(it.run, before=it.index)
+        warnings = report.warnings_for(head, earlier, cfg.eval)
+        promo = report.promotion(head, earlier, cfg.eval.promote_if)
+        head["promoted"] = promo["promoted"]
         manifest = it.manifest()
         metrics = {
             "iteration": it.index,
-            "eval": evaluation.summarize(new, it.eval_dir / "samples.jsonl"),
-            "initial": evaluation.summarize(base, base_dir / "samples.jsonl"),
-            "win_rate_vs_initial": evaluation.win_rate(new, base),
-            "eval_judge_usage": outcome_counts(base + new),
+            "headline": head,
+            "win_rate": result,
+            "drift": drifted,
+            "warnings": warnings,
+            "promotion": promo,
+            "eval_judge_usage": result["usage"],
             "train": manifest.get("train", {}),
             "pairs": manifest.get("pairs", {}),
+            "table": report.table_rows(earlier + [head]),
         }
         write_json(it.metrics, metrics)
-        return {"pass_rate": metrics["eval"]["pass_rate"]}
+        for w in warnings:
+            log.warning(w)
+        report.plot(earlier + [head], it.run.plot_path, title=f"{it.run.name}: vs {head['against']}")
+        return {"win_rate": head["win_rate"], "warnings": len(warnings)}
 
     return _run_stage(it, "evaluate", it.metrics, work)
 
@@ -243,15 +320,16 @@ def finalize(iter_dir: str) -> str:
         judge_spend={"iteration": spend, "run": run_total},
         files=it.file_hashes(),
         metrics={
-            "pass_rate": metrics["eval"]["pass_rate"],
-            "constraint_pass_rate": metrics["eval"]["constraint_pass_rate"],
-            "initial_pass_rate": metrics["initial"]["pass_rate"],
-            "win_rate_vs_initial": metrics["win_rate_vs_initial"]["win_rate"],
+            **metrics["headline"],
+            "constraint_pass_rate": metrics["win_rate"]["constraint_pass_rate"],
+            "reference_pass_rate": metrics["win_rate"]["reference_pass_rate"],
         },
         timings={s: m["stages"][s]["seconds"] for s in STAGES},
         finished_at=now(),
         status="complete",
     )
+    if metrics["headline"]["promoted"]:
+        report.record_promotion(it.run, metrics["headline"], it.policy)
     return str(it.manifest_path)
 
 

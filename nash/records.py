@@ -26,6 +26,7 @@ class Prompt(Record):
     topic: str | None = None
     split: Literal["train", "eval"] = "train"
     reference: str | None = None  # a gold / teacher answer, e.g. GPT-4-Turbo's
+    generator: str | None = None  # who wrote the reference (AlpacaEval's `generator`)
 
 
 class Sample(Record):

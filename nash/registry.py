@@ -52,7 +52,6 @@ def iteration_row(manifest: dict) -> dict:
     return {
         "iteration": manifest.get("iteration"),
         "status": manifest.get("status", "missing"),
-        "prompts": p.get("prompts", "-"),
         "candidates": manifest.get("stages", {}).get("sample", {}).get("candidates", "-"),
         "pairs kept": p.get("pairs", "-"),
         "prompts dropped": p.get("prompts_dropped", "-"),
@@ -63,8 +62,11 @@ def iteration_row(manifest: dict) -> dict:
         "reward margin": fmt(t.get("reward_margin_mean")),
         "KL to π_t": fmt(t.get("kl_from_parent"), 4),
         "pass rate": fmt(m.get("pass_rate")),
-        "pass rate π_0": fmt(m.get("initial_pass_rate")),
-        "win rate vs π_0": fmt(m.get("win_rate_vs_initial")),
+        "win rate": fmt(m.get("win_rate")) + (f" ± {m['win_rate_se']:.3f}" if m.get("win_rate_se") is not None else ""),
+        "vs": m.get("against", "-"),
+        "LC win rate": fmt(m.get("lc_win_rate")),
+        "KL to π_0": fmt(m.get("kl_from_initial"), 4),
+        "promoted": {True: "yes", False: "no"}.get(m.get("promoted"), "-"),
         "judge $": f"{manifest.get('judge_spend', {}).get('iteration', {}).get('cost_usd', 0.0):.2f}",
         "seconds": round(sum(manifest.get("timings", {}).values())),
     }
@@ -126,6 +128,8 @@ class RunDir:
     config_path = property(lambda self: self.path / "run.json")
     baseline_dir = property(lambda self: self.path / "baseline")
     eval_prompts = property(lambda self: self.path / "eval_prompts.jsonl")
+    plot_path = property(lambda self: self.path / "eval_plot.png")
+    promoted_path = property(lambda self: self.path / "promoted.json")
 
     @classmethod
     def create(cls, runs_dir: str | Path, cfg: Config) -> RunDir:

@@ -195,6 +195,7 @@ def train_in_subprocess(iter_dir: Path, train_cfg, progress: Progress | None = N
                     progress(done, total)
                 continue
             log.write(line)
+            log.flush()  # readable while training runs
             tail.append(line.rstrip())
         rc = proc.wait()
     bar.close()
