@@ -2,6 +2,7 @@
 
     nash run CONFIG [--iterations N] [--runs-dir DIR] [--set dotted.key=value ...]
     nash status [RUN] [--runs-dir DIR]
+    nash eval RUN [--iteration N] [--against reference|iter_M] [--runs-dir DIR]
     nash serve CONFIG --cron "0 2 * * *" [--iterations N] [--runs-dir DIR] [--set ...]
 
 User mistakes (bad config, missing files) print one `nash: error:` line and exit 2.
@@ -10,12 +11,14 @@ User mistakes (bad config, missing files) print one `nash: error:` line and exit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from nash.config import ConfigError, load_config
 from nash.constraints import ConstraintError
+from nash.evaluation import ReferenceError
 from nash.iteration import preflight
 from nash.policy import PolicyError
 from nash.prompts import PromptError
@@ -26,7 +29,7 @@ from nash.registry import RunDir, iteration_row
 # and races the server's own SQLite writes at start-up.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, FileNotFoundError)
+USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, ReferenceError, FileNotFoundError)
 
 
 def _runs_dir(arg: str | None) -> Path:
@@ -90,13 +93,52 @@ def print_status(run: RunDir) -> None:
         print("  " + "  ".join(str(r[h]).ljust(w) for h, w in zip(head, widths)))
 
 
+def _find_run(args) -> RunDir:
+    path = Path(args.run) if Path(args.run, "run.json").is_file() else _runs_dir(args.runs_dir) / args.run
+    run = RunDir(path)
+    run.config()  # raises a clear error when this is not a run
+    return run
+
+
+def cmd_eval(args) -> int:
+    """The evaluation table of a run; with --against iter_M, annotate against that iteration's answers."""
+    from nash import iteration, report
+    from nash.records import write_json
+
+    run = _find_run(args)
+    its = [it for it in run.iterations() if it.complete and (args.iteration is None or it.index == args.iteration)]
+    if args.iteration is not None and not its:
+        raise ReferenceError(f"--iteration {args.iteration}: no complete iteration {args.iteration} in {run.path}")
+    heads = []
+    judge = None
+    for it in its:
+        head = json.loads(it.metrics.read_text()).get("headline")
+        if head is None:
+            print(f"nash: {it.path.name} was evaluated before win rates were recorded; skipped", file=sys.stderr)
+            continue
+        if args.against != "reference":
+            if args.against == it.path.name:
+                continue
+            if judge is None:
+                judge = iteration.eval_judge(run.config())
+            r = iteration.compare_iteration(it, args.against, judge_=judge)
+            write_json(it.eval_dir / f"vs_{args.against}" / "summary.json", r)
+            head = {**head, "against": r["generator"], "n": r["n"], "win_rate": r["win_rate"],
+                    "win_rate_se": r["standard_error"], "lc_win_rate": r["lc_win_rate"],
+                    "failed": r["failed"] + r["unjudged"], "mean_length": r["mean_tokens"]}
+        heads.append(head)
+    print(f"run {run.name}  ({run.path})")
+    print(report.format_table(report.table_rows(heads)))
+    if args.against == "reference" and args.iteration is None and heads:
+        plot = report.plot(heads, run.plot_path, title=f"{run.name}: vs {heads[-1]['against']}")
+        print(f"plot: {plot}")
+    return 0
+
+
 def cmd_status(args) -> int:
     runs_dir = _runs_dir(args.runs_dir)
     if args.run:
-        path = Path(args.run) if Path(args.run, "run.json").is_file() else runs_dir / args.run
-        run = RunDir(path)
-        run.config()  # raises a clear error when this is not a run
-        print_status(run)
+        print_status(_find_run(args))
         return 0
     runs = sorted(p.parent for p in runs_dir.glob("*/run.json"))
     if not runs:
@@ -128,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run", nargs="?", help="run name or directory (default: list all runs)")
     status.add_argument("--runs-dir")
     status.set_defaults(func=cmd_status)
+    ev = sub.add_parser("eval", help="win rate, LC win rate, length and drift of every iteration of a run")
+    ev.add_argument("run", help="run name or directory")
+    ev.add_argument("--iteration", type=int, help="only this iteration")
+    ev.add_argument("--against", default="reference",
+                    help="reference (the run's reference outputs, default) or iter_M (that iteration's answers)")
+    ev.add_argument("--runs-dir")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -71,11 +71,18 @@ def iteration_flow(iter_dir: str) -> str:
     manifest_path = finalize_task(iter_dir)
     manifest = json.loads(Path(manifest_path).read_text())
     row = iteration_row(manifest)
+    run_name = Path(iter_dir).parent.name
     create_table_artifact(
         [row],
-        key=artifact_key("nash", Path(iter_dir).parent.name, Path(iter_dir).name),
-        description=f"{iter_dir}: pairs kept, training health (loss, reward accuracy, KL to π_t), held-out pass rate, win rate vs π_0",
+        key=artifact_key("nash", run_name, Path(iter_dir).name),
+        description=f"{iter_dir}: pairs kept, training health (loss, reward accuracy, KL to π_t), "
+        "win rate and LC win rate against the reference outputs, drift, promotion",
     )
-    log.info("iteration %s complete: pass rate %s (π_0 %s), win rate vs π_0 %s",
-             row["iteration"], row["pass rate"], row["pass rate π_0"], row["win rate vs π_0"])
+    metrics = json.loads((Path(iter_dir) / "metrics.json").read_text())
+    create_table_artifact(metrics["table"], key=artifact_key("nash", run_name, "eval"),
+                          description=f"{run_name}: evaluation of every iteration so far")
+    for warning in metrics["warnings"]:
+        log.warning(warning)
+    log.info("iteration %s complete: win rate %s vs %s, LC win rate %s, KL to π_0 %s, promoted %s",
+             row["iteration"], row["win rate"], row["vs"], row["LC win rate"], row["KL to π_0"], row["promoted"])
     return manifest_path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -9,17 +11,33 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.iteration import artifact_key, iteration_flow
 from nash import iteration as stages
+from nash import report
 from nash.registry import RunDir, iteration_row
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(run: RunDir) -> str:
     rows = [iteration_row(it.manifest()) for it in run.iterations()]
     if not rows:
         return f"# {run.name}\n\nNo iterations yet.\n"
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
-    return f"# Run `{run.name}`\n\n{run.path}\n\n" + "\n".join(lines) + "\n"
+    out = f"# Run `{run.name}`\n\n{run.path}\n\n" + _markdown_table(rows)
+    heads = report.headlines(run)
+    if heads:
+        out += "\n## Evaluation\n\n" + _markdown_table(report.table_rows(heads))
+    if run.promoted_path.is_file():
+        promoted = json.loads(run.promoted_path.read_text())
+        out += f"\nPromoted: iteration {promoted['iteration']} ({promoted['policy']})\n"
+    if run.plot_path.is_file():
+        # Inline, so the UI shows it without serving the run directory.
+        data = base64.b64encode(run.plot_path.read_bytes()).decode()
+        out += f"\n![win rate, LC win rate and length per iteration](data:image/png;base64,{data})\n\n{run.plot_path}\n"
+    return out
 
 
 def _round_run_name() -> str:

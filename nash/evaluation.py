@@ -26,6 +26,8 @@ from nash.records import USAGE, Judgment, Prompt, Sample, read_jsonl, write_json
 from nash.sampling import Progress, SamplingParams, build_sampler
 
 MODEL, REFERENCE = 0, 1  # candidate indices in an annotation
+# The gold answers of builtin:gold's eval split, in the AlpacaEval layout.
+GOLD_REFERENCE = Path(__file__).parent / "data" / "gold_reference.jsonl"
 
 
 # -- reference sets -------------------------------------------------------------------------
@@ -47,19 +49,29 @@ def load_reference_set(source: str, num_prompts: int) -> list[Prompt]:
             raise ReferenceError(f"eval.reference: cannot load dataset {name!r} (split {split or 'eval'!r}): {e}") from None
         rows, where = list(ds), source
     else:
-        path = Path(source).expanduser()
+        path = GOLD_REFERENCE if source == "builtin:gold" else Path(source).expanduser()
         if not path.is_file():
             raise ReferenceError(f"eval.reference: file not found: {source}")
         rows, where = [], str(path)
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ReferenceError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        if path.suffix == ".json":  # AlpacaEval's own files: one JSON list
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ReferenceError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(rows, list):
+                raise ReferenceError(f"{path}: expected a JSON list of objects (AlpacaEval layout)")
+        else:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ReferenceError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
     prompts = []
     for i, row in enumerate(rows[: num_prompts or None]):
+        if not isinstance(row, dict):
+            raise ReferenceError(f"{where}: row {i + 1}: expected an object with instruction, output, generator")
         missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
         if missing:
             raise ReferenceError(f"{where}: row {i + 1}: missing {', '.join(missing)} (AlpacaEval layout: "

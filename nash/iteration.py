@@ -230,7 +230,8 @@ def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], pro
         return {s.prompt_id: s.response for s in base}, "iter_000"
     other = IterationDir(run, int(against.removeprefix("iter_"))) if against.startswith("iter_") else None
     if other is None or not other.complete or not (other.eval_dir / "samples.jsonl").is_file():
-        raise ValueError(f"--against {against}: expected 'reference' or iter_M of a complete iteration of {run.name}")
+        raise evaluation.ReferenceError(
+            f"--against {against}: expected 'reference' or iter_M of a complete iteration of {run.name}")
     return {s.prompt_id: s.response for s in read_jsonl(other.eval_dir / "samples.jsonl", Sample)}, against
 
 

@@ -43,10 +43,12 @@ def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, t
     tables = [a for a in by_type["table"] if a.key and a.key.startswith("nash-flowrun-iter")]
     assert {a.key for a in tables} == {"nash-flowrun-iter-001", "nash-flowrun-iter-002"}
     row = json.loads(tables[0].data)[0]
-    assert {"pairs kept", "pass rate", "win rate vs π_0", "candidates", "KL to π_t", "reward acc"} <= set(row)
+    assert {"pairs kept", "pass rate", "win rate", "LC win rate", "KL to π_0", "KL to π_t", "reward acc"} <= set(row)
     assert float(row["KL to π_t"]) >= 0 and row["loss"] != "-"
     summary = [a for a in by_type["markdown"] if a.key == "nash-flowrun-summary"]
-    assert summary and "| 2 | complete |" in summary[0].data
+    assert summary and "| 2 | complete |" in summary[0].data and "data:image/png;base64," in summary[0].data
+    evals = [a for a in by_type["table"] if a.key == "nash-flowrun-eval"]
+    assert any({r["iteration"] for r in json.loads(a.data)} == {1, 2} for a in evals)
     assert any(a.type == "progress" and a.data == 100.0 for a in arts)
 
 
@@ -139,3 +141,68 @@ def test_cli_reports_a_failed_iteration_in_one_line(prefect_server, tmp_path, ti
                  "--runs-dir", str(tmp_path), *sets]) == 1
     err = capsys.readouterr().err
     assert "nash: error: iter_001 failed at train: RuntimeError: no pairs kept" in err and "to resume" in err
+
+
+def test_dno_recipe_evaluates_against_an_alpaca_eval_file(prefect_server, tmp_path, tiny_model_dir, monkeypatch,
+                                                           capsys):
+    """configs/dno_gpt4.yaml on the tiny model: the openai judge (loopback) annotates against a reference file."""
+    from flows.cli import main
+    from flows.round import summary_markdown
+    from tests.openai_server import OpenAIServer, default_reply
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-dno-test")
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"id": f"g{i}", "prompt": f"Tell me about thing {i}.",
+                                        "reference": f"Thing {i} is a small, useful object."}) + "\n"
+                            for i in range(20)))
+    ref = tmp_path / "alpaca_eval_ref.jsonl"
+    ref.write_text("".join(json.dumps({"instruction": f"Describe place {i}.", "output": f"Place {i} is quiet.",
+                                       "generator": "gpt4_turbo"}) + "\n" for i in range(6)))
+
+    def responder(prompt):  # batched: the longest candidate 6, the others 1; pairwise: the shorter output wins
+        if "<id>_score" in prompt:
+            blocks = prompt.split("[Candidates]")[1].split("[Candidate ")[1:]
+            texts = {b[0]: b[3:].split("\n\nReply with")[0] for b in blocks}
+            top = max(texts, key=lambda k: (len(texts[k]), k))
+            return json.dumps({f"{k}_score": 6 if k == top else 1 for k in texts})
+        return default_reply(prompt)
+
+    with OpenAIServer(responder) as server:
+        sets = [x for o in [f"policy.model={tiny_model_dir}", f"prompts.source={gold}", "prompts.partition_size=4",
+                            "sampling.max_new_tokens=12", "train.batch_size=2", "train.max_length=96",
+                            f"eval.reference={ref}", "eval.num_prompts=6", "eval.max_new_tokens=12",
+                            f"judge.base_url={server.url}"] for x in ("--set", o)]
+        assert main(["run", str(ROOT / "configs" / "dno_gpt4.yaml"), "--iterations", "2",
+                     "--runs-dir", str(tmp_path / "runs"), *sets]) == 0
+        eval_requests = [r for r in server.requests if "Better:" in r["body"]["messages"][-1]["content"]]
+        capsys.readouterr()
+        assert main(["eval", "dno-gpt4", "--iteration", "2", "--against", "iter_001",
+                     "--runs-dir", str(tmp_path / "runs")]) == 0
+        against = capsys.readouterr().out
+    run = RunDir(tmp_path / "runs" / "dno-gpt4")
+    it1, it2 = run.iterations()
+    assert len(eval_requests) >= 6 * 2  # 6 reference instructions, both orders
+    for it in (it1, it2):
+        metrics = json.loads(it.metrics.read_text())
+        head = metrics["headline"]
+        assert head["against"] == "gpt4_turbo" and head["n"] + head["failed"] == 6
+        usage = metrics["win_rate"]["usage"]  # identical answers in iteration 2 come from the judge cache
+        assert head["win_rate"] is not None and usage["requests"] + usage["cached"] == 12
+    assert it2.manifest()["pairs"]["replayed"]["iter_001"]["drawn"] > 0
+    assert run.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in summary_markdown(run)
+    assert json.loads(run.promoted_path.read_text())["iteration"] in (1, 2)
+    capsys.readouterr()
+
+    assert main(["eval", "dno-gpt4", "--runs-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"] and all(r[1] == "gpt4_turbo" for r in rows)
+    assert "LC win rate" in out and "KL to π_0" in out and f"plot: {run.plot_path}" in out
+
+    rows = [line.split() for line in against.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("2", "iter_001", "6")]
+    assert json.loads((it2.eval_dir / "vs_iter_001" / "summary.json").read_text())["n"] == 6
+    assert main(["eval", "dno-gpt4", "--against", "iter_009", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "--against iter_009" in capsys.readouterr().err
