@@ -47,16 +47,24 @@ def main() -> None:
     for it in run.iterations():
         m = it.manifest()
         metrics = json.loads(it.metrics.read_text())
+        wr, head = metrics["win_rate"], metrics["headline"]
         rows.append({
             "iteration": it.index,
             "seconds": {s: m["timings"][s] for s in STAGES},
             "pairs": m["pairs"]["pairs"],
-            "pass_rate": metrics["eval"]["pass_rate"],
-            "constraint_pass_rate": metrics["eval"]["constraint_pass_rate"],
-            "initial_pass_rate": metrics["initial"]["pass_rate"],
-            "initial_constraint_pass_rate": metrics["initial"]["constraint_pass_rate"],
-            "win_rate_vs_initial": metrics["win_rate_vs_initial"]["win_rate"],
-            "eval_n": metrics["eval"]["n"],
+            "chosen_mean_tokens": m["pairs"]["chosen_mean_tokens"],
+            "rejected_mean_tokens": m["pairs"]["rejected_mean_tokens"],
+            "pass_rate": wr["pass_rate"],
+            "constraint_pass_rate": wr["constraint_pass_rate"],
+            "initial_pass_rate": wr["reference_pass_rate"],
+            "win_rate_vs_initial": head["win_rate"],
+            "win_rate_se": head["win_rate_se"],
+            "lc_win_rate": head["lc_win_rate"],
+            "mean_tokens": head["mean_length"],
+            "kl_from_initial": head["kl_from_initial"],
+            "perplexity": head["perplexity"],
+            "initial_perplexity": metrics["drift"].get("initial_perplexity"),
+            "eval_n": head["n"],
             "train": metrics["train"],
         })
     result = {
@@ -70,13 +78,15 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\nmachine: {result['machine']}; whole demo: {wall / 60:.1f} min wall\n")
-    print("| iteration | " + " | ".join(STAGES) + " | pairs | pass rate (π_0) | constraint pass rate (π_0) | win rate vs π_0 |")
-    print("|---" * (len(STAGES) + 5) + "|")
+    print("| iteration | " + " | ".join(STAGES) + " | pairs | pass rate (π_0) | win rate vs π_0 ± SE | LC win rate "
+          "| mean tokens | KL to π_0 | perplexity (π_0) |")
+    print("|---" * (len(STAGES) + 8) + "|")
     for r in rows:
         secs = " | ".join(f"{r['seconds'][s]:.0f} s" for s in STAGES)
         print(f"| {r['iteration']} | {secs} | {r['pairs']} | {r['pass_rate']:.3f} ({r['initial_pass_rate']:.3f}) | "
-              f"{r['constraint_pass_rate']:.3f} ({r['initial_constraint_pass_rate']:.3f}) | {r['win_rate_vs_initial']:.3f} |")
-
+              f"{r['win_rate_vs_initial']:.3f} ± {r['win_rate_se']:.3f} | {r['lc_win_rate']:.3f} | "
+              f"{r['mean_tokens']:.0f} | {r['kl_from_initial']:.3f} | {r['perplexity']:.2f} "
+              f"({r['initial_perplexity']:.2f}) |")
 
 if __name__ == "__main__":
     main()

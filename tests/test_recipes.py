@@ -27,6 +27,8 @@ def finished(runs, name):
     assert it.complete, it.manifest().get("error")
     m = it.manifest()
     assert m["train"]["steps"] > 0 and m["train"]["kl_from_parent"] > 0
+    head = json.loads(it.metrics.read_text())["headline"]
+    assert head["win_rate"] is not None and head["kl_from_initial"] > 0 and head["perplexity"] > 1
     return it, m, read_jsonl(it.pairs, Pair)
 
 
@@ -36,6 +38,7 @@ def test_spin_recipe(tmp_path):
     it, m, pairs = finished(tmp_path, "spin")
     assert m["stages"]["judge"]["skipped"] and all(p.chosen_policy == "reference" for p in pairs)
     assert len(pairs) == 16 and m["train"]["loss_function"] == "dpo"
+    assert m["metrics"]["against"] == "nash-gold"  # the gold answers of the 32 held-out instructions
 
 
 @pytest.mark.slow
@@ -54,3 +57,4 @@ def test_dno_gpt4_recipe_against_a_loopback_server(tmp_path):
     assert m["stages"]["sample"]["candidates"] == 16 * 6  # K=5 plus the gold answer
     assert all(p.chosen_score >= 5 and p.margin >= (1 if p.rejected_policy == "reference" else 2) for p in pairs)
     assert "sk-loopback-test" not in json.dumps(m)
+    assert m["metrics"]["against"] == "nash-gold" and m["metrics"]["n"] + m["metrics"]["failed"] == 16
