@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/nash run configs/default.yaml --runs-dir $(RUNS)
 	$(BIN)/nash status demo --runs-dir $(RUNS)
+	$(BIN)/nash eval demo --runs-dir $(RUNS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

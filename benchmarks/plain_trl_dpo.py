@@ -43,7 +43,8 @@ model = AutoModelForCausalLM.from_pretrained(args.policy, dtype=torch.float32)
 config = DPOConfig(output_dir=args.out + ".trainer", beta=args.beta, learning_rate=args.lr,
                    num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
                    max_length=args.max_length, warmup_steps=args.warmup, lr_scheduler_type="linear",
-                   logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True)
+                   logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
+                   bf16=torch.cuda.is_available())  # TRL defaults to bf16, which a CPU cannot run
 trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
 result = trainer.train()
 trainer.save_model(args.out)

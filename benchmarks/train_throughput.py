@@ -60,9 +60,11 @@ def main() -> None:
          str(it.pairs), str(runs / "plain-policy"), "--beta", str(t.beta), "--lr", str(t.learning_rate),
          "--epochs", str(t.epochs), "--batch-size", str(t.batch_size), "--max-length", str(t.max_length),
          "--warmup", str(t.warmup_ratio), "--seed", str(cfg.run.seed * 1000 + it.index)],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip().splitlines()[-1]
-    plain = json.loads(plain_out)
+        capture_output=True, text=True,
+    )
+    if plain_out.returncode != 0:
+        sys.exit(f"plain TRL script failed:\n{plain_out.stderr[-3000:]}")
+    plain = json.loads(plain_out.stdout.strip().splitlines()[-1])
 
     def rate(seconds):
         return round(n_pairs * t.epochs / seconds, 3)
