@@ -130,7 +130,7 @@ def cmd_eval(args) -> int:
     print(f"run {run.name}  ({run.path})")
     print(report.format_table(report.table_rows(heads)))
     if args.against == "reference" and args.iteration is None and heads:
-        plot = report.plot(heads, run.plot_path, title=f"{run.name}: vs {heads[-1]['against']}")
+        plot = report.plot_run(run, heads, title=f"{run.name}: vs {heads[-1]['against']}")
         print(f"plot: {plot}")
     return 0
 

@@ -298,7 +298,7 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
         write_json(it.metrics, metrics)
         for w in warnings:
             log.warning(w)
-        report.plot(earlier + [head], it.run.plot_path, title=f"{it.run.name}: vs {head['against']}")
+        report.plot_run(it.run, earlier + [head], title=f"{it.run.name}: vs {head['against']}")
         return {"win_rate": head["win_rate"], "warnings": len(warnings)}
 
     return _run_stage(it, "evaluate", it.metrics, work)

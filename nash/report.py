@@ -11,7 +11,7 @@ import operator
 from pathlib import Path
 
 from nash.config import parse_condition
-from nash.records import write_json
+from nash.records import Sample, read_jsonl, write_json
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 # For `best`: the direction in which each metric is better.
@@ -96,6 +96,24 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  " + "  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  " + "  ".join(str(r[h]).ljust(w) for h, w in zip(head, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def baseline_head(run) -> dict | None:
+    """π_0 as iteration 0 of the plot, where the reference outputs are π_0's own (win rate 0.5)."""
+    samples = run.baseline_dir / "eval" / "samples.jsonl"
+    if run.config().eval.reference != "initial" or not samples.is_file():
+        return None
+    rows = read_jsonl(samples, Sample)
+    drift = run.baseline_dir / "drift.json"
+    return {"iteration": 0, "against": "iter_000", "n": len(rows), "win_rate": 0.5, "win_rate_se": None,
+            "lc_win_rate": 0.5, "mean_length": sum(r.num_tokens for r in rows) / max(1, len(rows)),
+            "kl_from_initial": 0.0,
+            "perplexity": json.loads(drift.read_text())["perplexity"] if drift.is_file() else None}
+
+
+def plot_run(run, heads: list[dict], title: str = "") -> Path | None:
+    base = baseline_head(run) if heads and heads[0]["iteration"] == 1 else None
+    return plot(([base] if base else []) + heads, run.plot_path, title)
 
 
 def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:

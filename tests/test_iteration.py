@@ -49,6 +49,12 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
     spend1, spend2 = it1.manifest()["judge_spend"], it2.manifest()["judge_spend"]
     assert spend1["run"] == spend1["iteration"]
     assert spend2["run"]["tokens_in"] == spend1["iteration"]["tokens_in"] + spend2["iteration"]["tokens_in"]
+    # The plot starts at π_0 (iteration 0: its own reference, win rate 0.5) and shows every iteration.
+    from nash import report
+
+    base = report.baseline_head(run)
+    assert (base["iteration"], base["win_rate"], base["mean_length"]) == (0, 0.5, 12.0)
+    assert run.plot_path.read_bytes()[:4] == b"\x89PNG"
     # Replay: iteration 2 trains on 30% pairs drawn from iteration 1's own pairs.
     replayed = [p for p in read_jsonl(it2.pairs, Pair) if p.iteration == 1]
     fresh1 = {(p.prompt_id, p.chosen_candidate, p.rejected_candidate) for p in read_jsonl(it1.pairs, Pair)}
