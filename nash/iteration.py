@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -228,7 +229,7 @@ def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], pro
         base = evaluation.answer(resolve_policy(cfg.policy.model), prompts, cfg, run.baseline_dir / "eval",
                                  "iter_000", progress)
         return {s.prompt_id: s.response for s in base}, "iter_000"
-    other = IterationDir(run, int(against.removeprefix("iter_"))) if against.startswith("iter_") else None
+    other = IterationDir(run, int(against[5:])) if re.fullmatch(r"iter_\d+", against) else None
     if other is None or not other.complete or not (other.eval_dir / "samples.jsonl").is_file():
         raise evaluation.ReferenceError(
             f"--against {against}: expected 'reference' or iter_M of a complete iteration of {run.name}")
