@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -192,6 +193,15 @@ def length_controlled(prefs: list[float], model_outputs: list[str], ref_outputs:
     difficulty and regularisation towards its gamed baselines; it calls the package's
     `get_length_controlled_winrate` itself and needs the public AlpacaEval set and a hub.
     """
+    # alpaca_eval imports pkg_resources and calls scikit-learn in ways both now warn about at
+    # every call; the numbers are unaffected (scikit-learn is pinned below the version that
+    # drops them).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
+        return _length_controlled(prefs, model_outputs, ref_outputs, glm, instruction_index)
+
+
+def _length_controlled(prefs, model_outputs, ref_outputs, glm, instruction_index) -> dict:
     import pandas as pd
 
     n = len(prefs)
