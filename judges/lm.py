@@ -101,10 +101,11 @@ _P_A = re.compile(r"p_a=([0-9.]+)")
 
 
 def parse_probability(text: str) -> float:
+    """P(a) from a weighted reply; a reply without one (no log-probabilities) counts its verdict."""
     m = _P_A.search(text)
-    if not m:
-        raise ParseError("no 'p_a=<probability>' in the weighted reply")
-    return float(m.group(1))
+    if m:
+        return float(m.group(1))
+    return {"a": 1.0, "b": 0.0, "tie": 0.5}[parse_preference(text)]
 
 
 def candidate_ids(k: int) -> list[str]:

@@ -9,6 +9,7 @@ held by the client only and scrubbed from any error text that is recorded.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -57,26 +58,53 @@ class OpenAIBackend:
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
 
-    def _one(self, messages, temperature, max_tokens):
+    def _one(self, messages, temperature, max_tokens, logprobs=False):
         with self._in_flight:
-            return self._request(messages, temperature, max_tokens)
+            return self._request(messages, temperature, max_tokens, logprobs)
 
-    def _request(self, messages, temperature, max_tokens):
+    def _request(self, messages, temperature, max_tokens, logprobs=False):
         try:
+            extra = {"logprobs": True, "top_logprobs": 5} if logprobs else {}
             resp = self.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens
+                model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra
             )
             usage = resp.usage
+            text = resp.choices[0].message.content or ""
+            if logprobs:
+                p_a = verdict_probability(resp.choices[0].logprobs)
+                if p_a is not None:
+                    text += f"\n(p_a={p_a:.6f}; from the verdict token's top_logprobs)"
             return Reply(
-                text=resp.choices[0].message.content or "",
+                text=text,
                 tokens_in=usage.prompt_tokens if usage else 0,
                 tokens_out=usage.completion_tokens if usage else 0,
             )
         except Exception as e:  # after the client's retries: recorded as a failed judgment
             return RequestFailed(f"{type(e).__name__}: {self._scrub(str(e))}")
 
-    def complete(self, requests, temperature, max_tokens):
+    def complete(self, requests, temperature, max_tokens, weighted=None):
+        # Weighted pairwise verdicts read the verdict token's top_logprobs, where the server returns them.
+        logprobs = weighted == "pairwise"
         if len(requests) == 1:
-            return [self._one(requests[0], temperature, max_tokens)]
+            return [self._one(requests[0], temperature, max_tokens, logprobs)]
         with ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
-            return list(pool.map(lambda m: self._one(m, temperature, max_tokens), requests))
+            return list(pool.map(lambda m: self._one(m, temperature, max_tokens, logprobs), requests))
+
+
+def verdict_probability(logprobs) -> float | None:
+    """P(a) against P(b) (a `tie` token counts half) at the token after the reply's last "Better:"."""
+    content = getattr(logprobs, "content", None) or []
+    text, found = "", None
+    for item in content:
+        if text.rstrip().lower().endswith("better:") and item.token.strip().lower() in ("a", "b", "tie"):
+            found = item
+        text += item.token
+    if found is None:
+        return None
+    mass = {"a": 0.0, "b": 0.0, "tie": 0.0}
+    for alt in found.top_logprobs or []:
+        key = alt.token.strip().lower()
+        if key in mass:
+            mass[key] += math.exp(alt.logprob)
+    total = sum(mass.values())
+    return (mass["a"] + 0.5 * mass["tie"]) / total if total > 0 else None

@@ -90,6 +90,10 @@ class OpenAIJudge(_LMJudge):
     concurrency: int = Field(8, ge=1, description="Prompts judged at once.")
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0, description="Client retries on 429, 5xx and timeouts (backoff, Retry-After).")
+    weighted: bool = Field(
+        False, description="Pairwise: P(a) against P(b) from the verdict token's top_logprobs, where the server "
+        "returns them (otherwise the text verdict counts).",
+    )
     price_input_per_mtok: float = 10.0  # GPT-4-Turbo list prices
     price_output_per_mtok: float = 30.0
 
@@ -233,7 +237,8 @@ class EvalSection(Section):
         "a .jsonl path or 'hf:<dataset>[:split]', e.g. hf:tatsu-lab/alpaca_eval:eval.",
     )
     judge: JudgeSection | None = Field(None, description="Annotator; default: the run's judge (self: π_0).")
-    weighted: bool = Field(True, description="Local LM annotators: preference from P(a) vs P(b) after 'Better: '.")
+    weighted: bool = Field(True, description="LM annotators: preference from P(a) vs P(b) of the verdict "
+                           "(local judges: next-token probabilities; openai: top_logprobs where the server returns them).")
     lc_glm: Literal["length_controlled_minimal", "length_controlled_v1"] = Field(
         "length_controlled_minimal",
         description="AlpacaEval GLM for the length-controlled win rate; v1 adds AlpacaEval's instruction "

@@ -214,10 +214,7 @@ def eval_judge(cfg):
     """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0."""
     jcfg = cfg.eval.judge or cfg.judge
     if jcfg.kind in ("openai", "self", "hf"):
-        update = {"protocol": "pairwise", "template": None}
-        if jcfg.kind != "openai":
-            update["weighted"] = cfg.eval.weighted
-        jcfg = jcfg.model_copy(update=update)
+        jcfg = jcfg.model_copy(update={"protocol": "pairwise", "template": None, "weighted": cfg.eval.weighted})
     return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model))
 
 

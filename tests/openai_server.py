@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -32,6 +33,21 @@ def default_reply(prompt: str) -> str:
     response = prompt.split("<response>")[1].split("</response>")[0] if "<response>" in prompt else prompt
     score = int(hashlib.sha256(response.encode()).hexdigest(), 16) % 6
     return f"The response is fine.\nScore: {score}"
+
+
+def token_logprobs(text: str, confidence: float) -> list[dict]:
+    """Per-token logprobs for `text`; a verdict token after "Better:" gets `confidence` on itself."""
+    out, before = [], ""
+    for tok in re.findall(r"\s*[^\s:]+|:", text):
+        alts = [{"token": tok, "logprob": 0.0, "bytes": None}]
+        verdict = tok.strip().lower()
+        if before.rstrip().lower().endswith("better:") and verdict in ("a", "b"):
+            other = "b" if verdict == "a" else "a"
+            alts = [{"token": f" {verdict}", "logprob": math.log(confidence), "bytes": None},
+                    {"token": f" {other}", "logprob": math.log(1 - confidence), "bytes": None}]
+        out.append({"token": tok, "logprob": alts[0]["logprob"], "bytes": None, "top_logprobs": alts})
+        before += tok
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -71,9 +87,12 @@ class _Handler(BaseHTTPRequestHandler):
             text = behaviour[2]
         else:
             text = behaviour[1]
+        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        if body.get("logprobs") and srv.logprobs:
+            choice["logprobs"] = {"content": token_logprobs(text, srv.verdict_confidence)}
         self._send(200, {
             "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "choices": [choice],
             "usage": {"prompt_tokens": srv.count_tokens(prompt), "completion_tokens": srv.count_tokens(text),
                       "total_tokens": srv.count_tokens(prompt) + srv.count_tokens(text)},
         })
@@ -89,6 +108,8 @@ class OpenAIServer:
         self.responder = responder
         self.count_tokens = count_tokens
         self.script: list[tuple] = []
+        self.logprobs = True  # answer `logprobs: true` requests with token log-probabilities
+        self.verdict_confidence = 0.8
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _Handler)

@@ -150,3 +150,29 @@ def test_reference_sets_in_alpaca_eval_layout(tmp_path):
     bad.write_text(json.dumps({"instruction": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl: row 1: missing output"):
         load_reference_set(str(bad), 0)
+
+
+def test_openai_weighted_annotation_reads_the_verdict_logprobs(tmp_path, monkeypatch):
+    """eval.weighted with an openai judge: P(a) from top_logprobs, averaged over both orders."""
+    from judges import build_judge
+    from nash.config import load_config
+    from tests.openai_server import OpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-eval-test")
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
+    prompts = [Prompt(id=f"q{i}", text=f"Say something about {i}.", split="eval") for i in range(2)]
+    model = [Sample(prompt_id=p.id, candidate=0, prompt=p.text, response=r, num_tokens=1, policy="iter_001")
+             for p, r in zip(prompts, ["short", "a much longer answer here"])]
+    reference = {"q0": "a longer reference answer", "q1": "tiny"}
+    with OpenAIServer() as server:  # the shorter output wins with probability 0.8, in either order
+        cfg = load_config(None, ["judge.kind=openai", f"judge.base_url={server.url}", "judge.protocol=pairwise",
+                                 "judge.weighted=true"])
+        annotations, _ = annotate(build_judge(cfg.judge), prompts, model, reference, tmp_path / "w.jsonl")
+        assert all(r["body"]["logprobs"] is True and r["body"]["top_logprobs"] == 5 for r in server.requests)
+        # A server without log-probabilities: the text verdict counts, in both orders.
+        server.logprobs = False
+        cfg2 = load_config(None, ["judge.kind=openai", f"judge.base_url={server.url}", "judge.protocol=pairwise",
+                                  "judge.weighted=true", "judge.cache=false"])
+        plain, _ = annotate(build_judge(cfg2.judge), prompts, model, reference, tmp_path / "p.jsonl")
+    assert preferences(annotations) == {"q0": pytest.approx(1.8), "q1": pytest.approx(1.2)}
+    assert preferences(plain) == {"q0": 2.0, "q1": 1.0}
