@@ -123,9 +123,7 @@ def cmd_eval(args) -> int:
                 judge = iteration.eval_judge(run.config())
             r = iteration.compare_iteration(it, args.against, judge_=judge)
             write_json(it.eval_dir / f"vs_{args.against}" / "summary.json", r)
-            head = {**head, "against": r["generator"], "n": r["n"], "win_rate": r["win_rate"],
-                    "win_rate_se": r["standard_error"], "lc_win_rate": r["lc_win_rate"],
-                    "failed": r["failed"] + r["unjudged"], "mean_length": r["mean_tokens"]}
+            head = {**head, **report.comparison_headline(r)}
         heads.append(head)
     print(f"run {run.name}  ({run.path})")
     print(report.format_table(report.table_rows(heads)))

@@ -269,13 +269,8 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
     def work():
         result = compare_iteration(it, "reference", progress)
         drifted = drift(it, cfg)
-        head = {
-            "iteration": it.index, "against": result["generator"], "n": result["n"],
-            "win_rate": result["win_rate"], "win_rate_se": result["standard_error"],
-            "lc_win_rate": result["lc_win_rate"], "failed": result["failed"] + result["unjudged"],
-            "mean_length": result["mean_tokens"], "pass_rate": result["pass_rate"],
-            "kl_from_initial": drifted.get("kl_from_initial"), "perplexity": drifted.get("perplexity"),
-        }
+        head = {"iteration": it.index, **report.comparison_headline(result), "pass_rate": result["pass_rate"],
+                "kl_from_initial": drifted.get("kl_from_initial"), "perplexity": drifted.get("perplexity")}
         earlier = report.headlines(it.run, before=it.index)
         warnings = report.warnings_for(head, earlier, cfg.eval)
         promo = report.promotion(head, earlier, cfg.eval.promote_if)

@@ -19,6 +19,13 @@ HIGHER_IS_BETTER = {"win_rate": True, "lc_win_rate": True, "pass_rate": True, "k
                     "perplexity": False, "mean_length": False}
 
 
+def comparison_headline(result: dict) -> dict:
+    """The headline fields of one comparison (`evaluation.compare` plus what it was against)."""
+    return {"against": result["generator"], "n": result["n"], "win_rate": result["win_rate"],
+            "win_rate_se": result["standard_error"], "lc_win_rate": result["lc_win_rate"],
+            "failed": result["failed"] + result["unjudged"], "mean_length": result["mean_tokens"]}
+
+
 def headlines(run, before: int | None = None) -> list[dict]:
     """Headline metrics of the run's complete iterations (those before `before`, if given)."""
     out = []
