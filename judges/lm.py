@@ -128,8 +128,9 @@ class LMJudge:
         self.cache = cache
         self.budget = budget or Budget()
         self.concurrency = concurrency
-        # Probability-weighted verdicts, where the backend can read them (local judges): the
-        # expected score (pointwise) or P(a) against P(b) (pairwise).
+        # Probability-weighted verdicts, where the backend can read them: the expected score
+        # (pointwise, local judges) or P(a) against P(b) (pairwise: local judges, and openai
+        # servers that return logprobs).
         self.weighted = None
         if getattr(cfg, "weighted", False) and cfg.protocol == "pointwise":
             low, high = self.SCALES["pointwise"]

@@ -16,6 +16,16 @@ def _load(path: str, dtype: str, device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
 
 
+def _pad(rows: list[list[int]], value: int, device):
+    """Right-padded ids and their attention mask."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, attn
+
+
 def _encode(tok, prompts: list[str], responses: list[str], max_length: int):
     """Chat-formatted prompt + response token ids, and which positions are response tokens."""
     rows = []
@@ -43,10 +53,8 @@ def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str],
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch], device=device)
-        attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=device)
-        resp = torch.tensor([m + [0] * (width - len(m)) for _, m in batch], device=device)
+        ids, attn = _pad([i for i, _ in batch], pad, device)
+        resp, _ = _pad([m for _, m in batch], 0, device)
         with torch.inference_mode():
             lp = torch.log_softmax(p_model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
             lq = torch.log_softmax(q_model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
@@ -93,9 +101,7 @@ def perplexity(model_path: str, texts: list[str], dtype: str = "float32", batch_
     nll, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        width = max(len(r) for r in batch)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=device)
-        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=device)
+        ids, attn = _pad(batch, pad, device)
         with torch.inference_mode():
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
         got = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
