@@ -24,6 +24,7 @@ from nash.policy import PolicyError
 from nash.prompts import PromptError
 from nash.records import RecordError
 from nash.registry import RunDir, iteration_row
+from nash.report import format_table
 
 # The temporary server would otherwise try to send usage telemetry, which fails offline
 # and races the server's own SQLite writes at start-up.
@@ -83,14 +84,7 @@ def cmd_serve(args) -> int:
 def print_status(run: RunDir) -> None:
     rows = [iteration_row(it.manifest()) for it in run.iterations()]
     print(f"run {run.name}  ({run.path})")
-    if not rows:
-        print("  no iterations yet")
-        return
-    head = list(rows[0])
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in head]
-    print("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for r in rows:
-        print("  " + "  ".join(str(r[h]).ljust(w) for h, w in zip(head, widths)))
+    print(format_table(rows) if rows else "  no iterations yet")
 
 
 def _find_run(args) -> RunDir:

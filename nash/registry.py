@@ -41,13 +41,23 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def fmt_win_rate(h: dict) -> str:
+    """'0.641 ± 0.041' from a headline's win rate and standard error."""
+    se = h.get("win_rate_se")
+    return fmt(h.get("win_rate")) + (f" ± {se:.3f}" if se is not None else "")
+
+
+def fmt_promoted(h: dict) -> str:
+    return {True: "yes", False: "no"}.get(h.get("promoted"), "-")
+
+
 def iteration_row(manifest: dict) -> dict:
     """One row of the per-iteration table (Prefect artifact and `nash status`)."""
     m, p, t = manifest.get("metrics", {}), manifest.get("pairs", {}), manifest.get("train", {})
-
-    def fmt(x, digits=3):
-        return "-" if x is None else f"{x:.{digits}f}"
-
     replayed = sum(r.get("drawn", 0) for r in p.get("replayed", {}).values())
     return {
         "iteration": manifest.get("iteration"),
@@ -62,11 +72,11 @@ def iteration_row(manifest: dict) -> dict:
         "reward margin": fmt(t.get("reward_margin_mean")),
         "KL to π_t": fmt(t.get("kl_from_parent"), 4),
         "pass rate": fmt(m.get("pass_rate")),
-        "win rate": fmt(m.get("win_rate")) + (f" ± {m['win_rate_se']:.3f}" if m.get("win_rate_se") is not None else ""),
+        "win rate": fmt_win_rate(m),
         "vs": m.get("against", "-"),
         "LC win rate": fmt(m.get("lc_win_rate")),
         "KL to π_0": fmt(m.get("kl_from_initial"), 4),
-        "promoted": {True: "yes", False: "no"}.get(m.get("promoted"), "-"),
+        "promoted": fmt_promoted(m),
         "judge $": f"{manifest.get('judge_spend', {}).get('iteration', {}).get('cost_usd', 0.0):.2f}",
         "seconds": round(sum(manifest.get("timings", {}).values())),
     }

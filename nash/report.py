@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nash.config import parse_condition
 from nash.records import Sample, read_jsonl, write_json
+from nash.registry import fmt, fmt_promoted, fmt_win_rate
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 # For `best`: the direction in which each metric is better.
@@ -73,26 +74,19 @@ def promotion(head: dict, earlier: list[dict], conditions: list[str]) -> dict:
 
 
 def table_rows(heads: list[dict]) -> list[dict]:
-    def f(x, d=3):
-        return "-" if x is None else f"{x:.{d}f}"
-
-    rows = []
-    for h in heads:
-        se = h.get("win_rate_se")
-        rows.append({
-            "iteration": h["iteration"],
-            "against": h.get("against", "-"),
-            "n": h.get("n", "-"),
-            "win rate": f(h.get("win_rate")) + (f" ± {se:.3f}" if se is not None else ""),
-            "LC win rate": f(h.get("lc_win_rate")),
-            "failed": h.get("failed", 0),
-            "mean tokens": f(h.get("mean_length"), 1),
-            "pass rate": f(h.get("pass_rate")),
-            "KL to π_0": f(h.get("kl_from_initial"), 4),
-            "perplexity": f(h.get("perplexity"), 2),
-            "promoted": {True: "yes", False: "no"}.get(h.get("promoted"), "-"),
-        })
-    return rows
+    return [{
+        "iteration": h["iteration"],
+        "against": h.get("against", "-"),
+        "n": h.get("n", "-"),
+        "win rate": fmt_win_rate(h),
+        "LC win rate": fmt(h.get("lc_win_rate")),
+        "failed": h.get("failed", 0),
+        "mean tokens": fmt(h.get("mean_length"), 1),
+        "pass rate": fmt(h.get("pass_rate")),
+        "KL to π_0": fmt(h.get("kl_from_initial"), 4),
+        "perplexity": fmt(h.get("perplexity"), 2),
+        "promoted": fmt_promoted(h),
+    } for h in heads]
 
 
 def format_table(rows: list[dict]) -> str:
