@@ -66,16 +66,6 @@ def test_cli_demo_iteration_on_the_embedded_default(tmp_path):
     assert it.complete and (it.policy / "model.safetensors").is_file()
 
 
-def test_scheduled_round_deployment_carries_only_paths(tmp_path):
-    from flows.round import round_deployment
-
-    run = RunDir.create(tmp_path, load_config(None, ["run.name=nightly"]))
-    dep = round_deployment(str(run.path), 3, "0 2 * * *")
-    assert dep.name == "nightly-round"
-    assert dep.parameters == {"run_dir": str(run.path.resolve()), "iterations": 3}
-    assert dep.schedules[0].schedule.cron == "0 2 * * *"
-
-
 async def _flow_runs():
     from prefect.client.orchestration import get_client
 
