@@ -15,6 +15,10 @@ def build_judge(cfg, policy_path: str | None = None) -> Judge:
         from judges.rules import RulesJudge
 
         return RulesJudge()
+    if kind == "quality":
+        from judges.quality import QualityJudge
+
+        return QualityJudge(cfg)
     if kind == "reward_model":
         from judges.reward_model import RewardModelJudge
 
@@ -22,7 +26,7 @@ def build_judge(cfg, policy_path: str | None = None) -> Judge:
     if kind == "composite":
         from judges.composite import CompositeJudge
 
-        return CompositeJudge([build_judge(c, policy_path) for c in cfg.components], cfg.weights)
+        return CompositeJudge([build_judge(c, policy_path) for c in cfg.components], cfg.weights, cfg.combine)
     from judges.cache import JudgmentCache, cache_key
     from judges.lm import LMJudge
     from nash.policy import cache_dir

@@ -1,7 +1,10 @@
-"""The `composite` judge: a weighted mean of several judges' scores.
+"""The `composite` judge: several judges' scores combined into one.
 
+`mean`: a weighted mean. `gated`: the first component is a gate scoring 0..1 (the `quality`
+judge: is this a real answer?) and the score is gate × (1 + weighted mean of the others) / 2, so
+a real answer that meets no constraint (0.5) still beats an empty one that meets them all (0).
 A candidate is scored only when every component scored it; if any component failed, the
-composite judgment fails too, naming the component, rather than averaging what is left.
+composite judgment fails too, naming the component, rather than combining what is left.
 Component scales differ (rules 0..1, pointwise 0..5, batched 1..6): choose weights with that
 in mind.
 """
@@ -14,10 +17,17 @@ from nash.records import USAGE, Judgment, Prompt
 class CompositeJudge:
     name = "composite"
 
-    def __init__(self, components: list, weights: list[float] | None = None):
+    def __init__(self, components: list, weights: list[float] | None = None, combine: str = "mean"):
         self.components = components
         self.weights = weights or [1.0] * len(components)
+        self.combine = combine
         self.concurrency = max(getattr(c, "concurrency", 1) for c in components)
+
+    def _combine(self, scores: list[float]) -> float:
+        if self.combine == "gated":
+            rest = sum(w * s for w, s in zip(self.weights[1:], scores[1:])) / sum(self.weights[1:])
+            return scores[0] * (1 + rest) / 2
+        return sum(w * s for w, s in zip(self.weights, scores)) / sum(self.weights)
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
         per_judge = [c.score(prompt, candidates) for c in self.components]
@@ -25,13 +35,13 @@ class CompositeJudge:
         for k in range(len(candidates)):
             parts = [js[k] for js in per_judge]
             usage = {key: sum(getattr(p, key) for p in parts) for key in USAGE}
-            details = {"components": [{"judge": p.judge, "score": p.score, "outcome": p.outcome} for p in parts]}
+            details = {"components": [{"judge": p.judge, "score": p.score, "outcome": p.outcome,
+                                       "details": p.details} for p in parts]}
             failed = [p for p in parts if p.outcome != "scored"]
             if failed:
                 out.append(Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="failed",
                                     details=details, error=f"{failed[0].judge}: {failed[0].error}", **usage))
                 continue
-            score = sum(w * p.score for w, p in zip(self.weights, parts)) / sum(self.weights)
-            out.append(Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="scored", score=score,
-                                details=details, **usage))
+            out.append(Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="scored",
+                                score=self._combine([p.score for p in parts]), details=details, **usage))
         return out

@@ -124,23 +124,42 @@ class RewardModelJudge(Section):
     max_length: int = Field(1024, ge=16)
 
 
+class QualityJudge(Section):
+    kind: Literal["quality"]
+    embedder: str = Field("embedded:all-minilm-l6-v2", description="Sentence-embedding model (mean pooling): "
+                          "the embedded all-MiniLM-L6-v2, a local directory or a hub id.")
+    min_words: int = Field(6, ge=0, description="Fewer words than this is not an answer (a sentence or more).")
+    min_relevance: float = Field(0.25, description="Cosine of the answer's and the topic's embeddings below "
+                                 "this is off topic (the prompt's text when it has no topic).")
+    min_vocab_share: float = Field(0.7, ge=0.0, le=1.0, description="Share of alphabetic words the embedder's "
+                                   "vocabulary knows below this is gibberish.")
+    min_distinct_2: float = Field(0.5, ge=0.0, le=1.0, description="Distinct bigrams / bigrams below this is repetitive.")
+    max_repeated_3: float = Field(0.3, ge=0.0, le=1.0, description="Repeated trigram share above this is repetitive.")
+
+
 class CompositeJudge(Section):
     kind: Literal["composite"]
     components: list[JudgeSection] = Field(..., min_length=1)
     weights: list[float] | None = Field(None, description="One per component; default equal.")
+    combine: Literal["mean", "gated"] = Field(
+        "mean", description="mean: weighted mean of the components; gated: the first component (0..1, e.g. "
+        "quality) multiplies (1 + weighted mean of the others) / 2, so the others pay only on what passes it.",
+    )
 
     @model_validator(mode="after")
     def _weights_match(self):
         if self.weights is not None and len(self.weights) != len(self.components):
             raise ValueError(f"weights has {len(self.weights)} entries for {len(self.components)} components")
+        if self.combine == "gated" and len(self.components) < 2:
+            raise ValueError("combine gated needs a gate and at least one other component")
         return self
 
 
 JudgeSection = Annotated[
-    RulesJudge | OpenAIJudge | SelfJudge | HFJudge | RewardModelJudge | CompositeJudge,
+    RulesJudge | QualityJudge | OpenAIJudge | SelfJudge | HFJudge | RewardModelJudge | CompositeJudge,
     Field(discriminator="kind"),
 ]
-JUDGE_KINDS = ("rules", "openai", "self", "hf", "reward_model", "composite")
+JUDGE_KINDS = ("rules", "quality", "openai", "self", "hf", "reward_model", "composite")
 CompositeJudge.model_rebuild()
 
 
