@@ -4,6 +4,7 @@
     nash status [RUN] [--runs-dir DIR]
     nash eval RUN [--iteration N] [--against reference|iter_M] [--runs-dir DIR]
     nash serve CONFIG --cron "0 2 * * *" [--iterations N] [--runs-dir DIR] [--set ...]
+    nash samples RUN [--iteration N] [-n 6] [--runs-dir DIR]
 
 User mistakes (bad config, missing files) print one `nash: error:` line and exit 2.
 """
@@ -127,6 +128,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_samples(args) -> int:
+    """Held-out answers of π_0, the previous and the chosen iteration (default: the last complete) side by side."""
+    from nash import iteration, report
+
+    run = _find_run(args)
+    its = [it for it in run.iterations() if it.complete and (args.iteration is None or it.index == args.iteration)]
+    if not its:
+        which = f"iteration {args.iteration}" if args.iteration is not None else "iteration"
+        raise ReferenceError(f"no complete {which} in {run.path}")
+    rows = iteration.side_by_side(its[-1], args.n)
+    print(f"run {run.name}: {its[-1].path.name}, {len(rows)} held-out prompts, greedy answers")
+    print(report.samples_text(rows))
+    return 0
+
+
 def cmd_status(args) -> int:
     runs_dir = _runs_dir(args.runs_dir)
     if args.run:
@@ -169,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference (the run's reference outputs, default) or iter_M (that iteration's answers)")
     ev.add_argument("--runs-dir")
     ev.set_defaults(func=cmd_eval)
+    samples = sub.add_parser("samples", help="held-out answers of π_0, the previous and an iteration, side by side")
+    samples.add_argument("run", help="run name or directory")
+    samples.add_argument("--iteration", type=int, help="this iteration (default: the last complete one)")
+    samples.add_argument("-n", type=int, default=6, help="prompts to show (default 6)")
+    samples.add_argument("--runs-dir")
+    samples.set_defaults(func=cmd_samples)
     return parser
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
@@ -16,7 +17,8 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from nash import iteration as stages
-from nash.registry import iteration_row
+from nash import report
+from nash.registry import IterationDir, iteration_row
 
 
 def artifact_key(*parts: str) -> str:
@@ -81,6 +83,11 @@ def iteration_flow(iter_dir: str) -> str:
     metrics = json.loads((Path(iter_dir) / "metrics.json").read_text())
     create_table_artifact(metrics["table"], key=artifact_key("nash", run_name, "eval"),
                           description=f"{run_name}: evaluation of every iteration so far")
+    it = IterationDir.from_path(iter_dir)
+    create_markdown_artifact(report.samples_markdown(stages.side_by_side(it), f"{run_name} {it.path.name}: "
+                                                     "answers side by side"),
+                             key=artifact_key("nash", run_name, Path(iter_dir).name, "samples"),
+                             description=f"{iter_dir}: held-out answers of π_0, the previous and this iteration")
     for warning in metrics["warnings"]:
         log.warning(warning)
     log.info("iteration %s complete: win rate %s vs %s, LC win rate %s, KL to π_0 %s, promoted %s",

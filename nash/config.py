@@ -221,6 +221,8 @@ class TrainSection(Section):
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="robust: assumed share of flipped labels.")
     cpo_alpha: float = Field(1.0, ge=0.0, description="cpo: weight of the NLL term on the chosen answer.")
+    nll_alpha: float = Field(0.0, ge=0.0, description="dpo/ipo/hinge/robust: weight of an NLL term on the chosen "
+                             "answer added to the preference loss (RPO, iterative RPO); 0: none.")
     reference: Literal["previous", "initial"] = Field(
         "previous", description="previous: π_t, the policy that sampled the candidates; initial: π_0."
     )
@@ -241,6 +243,9 @@ class TrainSection(Section):
     def _loss_options(self):
         if self.loss == "robust" and self.label_smoothing == 0.0:
             raise ValueError("loss robust needs label_smoothing > 0 (the assumed share of flipped labels)")
+        if self.nll_alpha and self.loss not in PAIRED_LOSSES:
+            raise ValueError(f"nll_alpha works with the DPOTrainer losses ({', '.join(PAIRED_LOSSES)}); "
+                             f"cpo has its own cpo_alpha")
         if self.loss == "cpo" and self.reference == "initial":
             raise ValueError("loss cpo uses no reference model; remove reference: initial")
         return self
@@ -266,11 +271,19 @@ class EvalSection(Section):
     drift_text: str = Field("builtin", description="General text for perplexity: 'builtin' or a .jsonl with 'text'.")
     drift_prompts: int = Field(32, ge=0, description="Held-out prompts for KL(π_t || π_0) (0: skip drift).")
     promote_if: list[str] = Field(
-        [], description="Conditions for promoting an iteration, each 'METRIC OP best|previous|NUMBER', "
-        "e.g. 'win_rate >= best', 'kl_from_initial <= 0.5'. Empty: every complete iteration is promoted.",
+        ["degenerate_rise <= 0.05"],
+        description="Conditions for promoting an iteration, each 'METRIC OP best|previous|NUMBER', "
+        "e.g. 'win_rate >= best', 'kl_from_initial <= 0.5'. Empty: every iteration with at least one usable "
+        "annotation is promoted.",
     )
+    min_words: int = Field(6, ge=0, description="Answers with fewer words count as short (degenerate); 0: no "
+                           "short flag.")
     warn_win_rate_drop: float = Field(0.05, ge=0.0, description="Warn when win rate falls by more than this.")
     warn_kl_ratio: float = Field(2.0, gt=1.0, description="Warn when KL from π_0 grows more than this factor.")
+    warn_degenerate_rise: float = Field(0.05, ge=0.0, description="Warn when the share of degenerate answers "
+                                        "(empty, short, repetitive, off topic) exceeds π_0's by more than this.")
+    warn_length_ratio: float = Field(2.0, gt=1.0, description="Warn when mean answer length is more than this "
+                                     "factor above or below π_0's.")
 
     @field_validator("promote_if")
     @classmethod
@@ -280,7 +293,8 @@ class EvalSection(Section):
         return v
 
 
-PROMOTE_METRICS = ("win_rate", "lc_win_rate", "pass_rate", "kl_from_initial", "perplexity", "mean_length")
+PROMOTE_METRICS = ("win_rate", "lc_win_rate", "pass_rate", "kl_from_initial", "perplexity", "mean_length",
+                   "substantive_pass_rate", "degenerate", "degenerate_rise", "length_ratio")
 _CONDITION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*(best|previous|[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -323,7 +337,10 @@ class Config(Section):
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        # A judge of another kind replaces the base's judge: their keys do not mix.
+        other_kind = isinstance(v, dict) and "kind" in v and v["kind"] != (out.get(k) or {}).get("kind")
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and not other_kind
+        out[k] = _deep_merge(out[k], v) if merge else v
     return out
 
 

@@ -244,9 +244,20 @@ def alpaca_eval_frame(prefs, model_outputs, ref_outputs, instruction_index=None,
     })
 
 
+def _passed(details: dict) -> dict | None:
+    """The rules judge's per-constraint verdicts, also from inside a composite judge's details."""
+    if "passed" in details:
+        return details["passed"]
+    for c in details.get("components", []):
+        found = _passed(c.get("details") or {})
+        if found is not None:
+            return found
+    return None
+
+
 def pass_rates(annotations: list[Judgment], side: str = "model") -> dict:
     """Constraint pass rates of one side's outputs, where the judge checks constraints (rules)."""
-    passed = [j.details.get(side, {}).get("passed") for j in annotations if j.candidate == MODEL]
+    passed = [_passed(j.details.get(side, {})) for j in annotations if j.candidate == MODEL]
     passed = [p for p in passed if p]
     per: dict[str, list[bool]] = defaultdict(list)
     for p in passed:
@@ -280,3 +291,46 @@ def compare(judge: Judge, prompts: list[Prompt], model: list[Sample], reference:
     result["budget_stop"] = info["budget_stop"]
     result["usage"] = outcome_counts(annotations)
     return result
+
+
+# -- degeneration -----------------------------------------------------------------------------
+
+
+def answer_report(prompts: list[Prompt], answers: list[Sample], min_words: int) -> dict:
+    """Degeneration shares of one policy's answers, and pass rates counted with and without them.
+
+    `pass_rate` is the share of prompts whose answer meets every constraint; `substantive_pass_rate`
+    counts only answers that are also real answers (a sentence or more, not repetitive, naming the
+    topic), so an empty answer that meets "at most 15 words" does not count. Both are computed
+    from the prompts' own constraints, whatever the judge.
+    """
+    from nash import constraints, quality
+
+    by_id = {p.id: p for p in prompts}
+    rows = [(by_id[s.prompt_id], s) for s in answers if s.prompt_id in by_id]
+    rep = quality.report([s.response for _, s in rows], [p.topic for p, _ in rows], min_words)
+    flags = rep.pop("flags")
+    checked = [(f, all(constraints.check(c, s.response) for c in p.constraints))
+               for f, (p, s) in zip(flags, rows) if p.constraints]
+    rep["pass_rate"] = sum(ok for _, ok in checked) / len(checked) if checked else None
+    rep["substantive_pass_rate"] = (sum(ok and f["substantive"] for f, ok in checked) / len(checked)
+                                    if checked else None)
+    rep["mean_tokens"] = sum(s.num_tokens for _, s in rows) / len(rows) if rows else None
+    rep["degenerate"] = 1 - rep["substantive"] if rep["substantive"] is not None else None
+    return rep
+
+
+def side_by_side(prompts: list[Prompt], columns: dict[str, list[Sample]], n: int) -> list[dict]:
+    """The first `n` prompts that every column answered, with each column's answer and its flags."""
+    from nash import quality
+
+    answers = {name: {s.prompt_id: s.response for s in samples} for name, samples in columns.items()}
+    rows = []
+    for p in prompts:
+        if len(rows) >= n:
+            break
+        if all(p.id in a for a in answers.values()):
+            rows.append({"prompt": p.text, "topic": p.topic, "answers": {
+                name: {"text": a[p.id], **{k: v for k, v in quality.degeneration(a[p.id], p.topic).items()
+                                          if k != "substantive"}} for name, a in answers.items()}})
+    return rows

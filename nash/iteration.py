@@ -262,6 +262,27 @@ def drift(it: IterationDir, cfg) -> dict:
             "initial_perplexity": json.loads(base_path.read_text())["perplexity"]}
 
 
+def degeneration(it: IterationDir, cfg, progress=None) -> dict:
+    """Degeneration and substantive pass rate of π_t's and π_0's greedy answers to the same prompts."""
+    prompts = read_jsonl(it.run.eval_prompts, Prompt)
+    policy = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
+    initial = evaluation.answer(resolve_policy(cfg.policy.model), prompts, cfg, it.run.baseline_dir / "eval",
+                                "iter_000", progress)
+    return {"policy": evaluation.answer_report(prompts, policy, cfg.eval.min_words),
+            "initial": evaluation.answer_report(prompts, initial, cfg.eval.min_words)}
+
+
+def side_by_side(it: IterationDir, n: int = 6) -> list[dict]:
+    """Held-out answers of π_0, the previous iteration and this one, side by side."""
+    prompts = read_jsonl(it.run.eval_prompts, Prompt)
+    columns = {"iter_000": read_jsonl(it.run.baseline_dir / "eval" / "samples.jsonl", Sample)}
+    prev = IterationDir(it.run, it.index - 1)
+    if prev.index >= 1 and (prev.eval_dir / "samples.jsonl").is_file():
+        columns[prev.path.name] = read_jsonl(prev.eval_dir / "samples.jsonl", Sample)
+    columns[it.path.name] = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
+    return evaluation.side_by_side(prompts, columns, n)
+
+
 def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
     it = IterationDir.from_path(iter_dir)
     cfg = it.run.config()
@@ -269,18 +290,26 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
     def work():
         result = compare_iteration(it, "reference", progress)
         drifted = drift(it, cfg)
+        degen = degeneration(it, cfg)
+        pol, ini = degen["policy"], degen["initial"]
         head = {"iteration": it.index, **report.comparison_headline(result), "pass_rate": result["pass_rate"],
-                "kl_from_initial": drifted.get("kl_from_initial"), "perplexity": drifted.get("perplexity")}
+                "kl_from_initial": drifted.get("kl_from_initial"), "perplexity": drifted.get("perplexity"),
+                "substantive_pass_rate": pol["substantive_pass_rate"],
+                "initial_substantive_pass_rate": ini["substantive_pass_rate"],
+                "degenerate": pol["degenerate"], "initial_degenerate": ini["degenerate"],
+                "degenerate_rise": pol["degenerate"] - ini["degenerate"] if pol["n"] and ini["n"] else None,
+                "length_ratio": pol["mean_tokens"] / ini["mean_tokens"] if ini["mean_tokens"] else None}
         earlier = report.headlines(it.run, before=it.index)
-        warnings = report.warnings_for(head, earlier, cfg.eval)
+        manifest = it.manifest()
+        warnings = report.warnings_for(head, earlier, cfg.eval, manifest.get("train", {}))
         promo = report.promotion(head, earlier, cfg.eval.promote_if)
         head["promoted"] = promo["promoted"]
-        manifest = it.manifest()
         metrics = {
             "iteration": it.index,
             "headline": head,
             "win_rate": result,
             "drift": drifted,
+            "degeneration": degen,
             "warnings": warnings,
             "promotion": promo,
             "eval_judge_usage": result["usage"],

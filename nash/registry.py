@@ -72,6 +72,8 @@ def iteration_row(manifest: dict) -> dict:
         "reward margin": fmt(t.get("reward_margin_mean")),
         "KL to π_t": fmt(t.get("kl_from_parent"), 4),
         "pass rate": fmt(m.get("pass_rate")),
+        "real pass": fmt(m.get("substantive_pass_rate")),
+        "degenerate": fmt(m.get("degenerate")),
         "win rate": fmt_win_rate(m),
         "vs": m.get("against", "-"),
         "LC win rate": fmt(m.get("lc_win_rate")),

@@ -17,7 +17,8 @@ from nash.registry import fmt, fmt_promoted, fmt_win_rate
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 # For `best`: the direction in which each metric is better.
 HIGHER_IS_BETTER = {"win_rate": True, "lc_win_rate": True, "pass_rate": True, "kl_from_initial": False,
-                    "perplexity": False, "mean_length": False}
+                    "perplexity": False, "mean_length": False, "substantive_pass_rate": True, "degenerate": False,
+                    "degenerate_rise": False, "length_ratio": False}
 
 
 def comparison_headline(result: dict) -> dict:
@@ -38,25 +39,49 @@ def headlines(run, before: int | None = None) -> list[dict]:
     return out
 
 
-def warnings_for(head: dict, earlier: list[dict], eval_cfg) -> list[str]:
-    """A fall in win rate or a jump in drift against the previous iteration."""
+def warnings_for(head: dict, earlier: list[dict], eval_cfg, train: dict | None = None) -> list[str]:
+    """What a reader must not miss: degeneration or a length shift against π_0, no usable annotation,
+    an update that did not move the policy, a fall in win rate or a jump in drift against the previous
+    iteration."""
+    name, out = f"iter_{head['iteration']:03d}", []
+    if not head.get("n"):
+        out.append(f"{name}: no usable annotation ({head.get('failed', 0)} failed or unjudged): the win rate is "
+                   "unknown and the iteration is not promoted")
+    d, d0 = head.get("degenerate"), head.get("initial_degenerate")
+    if d is not None and d0 is not None and d - d0 > eval_cfg.warn_degenerate_rise:
+        out.append(f"{name}: degenerate answers (empty, short, repetitive or off topic) rose from {d0:.3f} for π_0 "
+                   f"to {d:.3f} (more than eval.warn_degenerate_rise={eval_cfg.warn_degenerate_rise}); read them "
+                   "with `nash samples`")
+    r = head.get("length_ratio")
+    if r is not None and r > 0 and max(r, 1 / r) > eval_cfg.warn_length_ratio:
+        out.append(f"{name}: mean answer length is {r:.2f}x π_0's (beyond eval.warn_length_ratio="
+                   f"{eval_cfg.warn_length_ratio})")
+    train = train or {}
+    loss, kl = train.get("last_step_loss"), train.get("kl_from_parent")
+    if kl is not None and kl < 1e-4 and (loss is None or abs(loss - 0.6931) < 1e-3):
+        out.append(f"{name}: the update did not move the policy (KL to π_t {kl:.2e}, last loss {fmt(loss, 4)}, "
+                   f"{train.get('steps', '?')} step(s)): too few pairs or steps, or a learning rate still warming up")
     if not earlier:
-        return []
-    prev, out = earlier[-1], []
+        return out
+    prev = earlier[-1]
     w, pw = head.get("win_rate"), prev.get("win_rate")
     if w is not None and pw is not None and pw - w > eval_cfg.warn_win_rate_drop:
-        out.append(f"iter_{head['iteration']:03d}: win rate fell from {pw:.3f} to {w:.3f} "
+        out.append(f"{name}: win rate fell from {pw:.3f} to {w:.3f} "
                    f"(more than eval.warn_win_rate_drop={eval_cfg.warn_win_rate_drop})")
     k, pk = head.get("kl_from_initial"), prev.get("kl_from_initial")
     if k is not None and pk and k > eval_cfg.warn_kl_ratio * pk:
-        out.append(f"iter_{head['iteration']:03d}: KL from π_0 jumped from {pk:.4f} to {k:.4f} "
+        out.append(f"{name}: KL from π_0 jumped from {pk:.4f} to {k:.4f} "
                    f"(more than eval.warn_kl_ratio={eval_cfg.warn_kl_ratio}x)")
     return out
 
 
 def promotion(head: dict, earlier: list[dict], conditions: list[str]) -> dict:
-    """Whether the iteration meets every `eval.promote_if` condition, with the reason for each."""
-    checks = []
+    """Whether the iteration meets every `eval.promote_if` condition, with the reason for each.
+
+    An iteration whose evaluation has no usable annotation is never promoted, whatever the conditions.
+    """
+    checks = [{"condition": "n > 0 (usable annotations)", "value": head.get("n"), "target": 0,
+               "ok": bool(head.get("n"))}]
     for text in conditions:
         metric, op, ref = parse_condition(text)
         value = head.get(metric)
@@ -83,6 +108,9 @@ def table_rows(heads: list[dict]) -> list[dict]:
         "failed": h.get("failed", 0),
         "mean tokens": fmt(h.get("mean_length"), 1),
         "pass rate": fmt(h.get("pass_rate")),
+        "real pass (π_0)": f"{fmt(h.get('substantive_pass_rate'))} ({fmt(h.get('initial_substantive_pass_rate'))})",
+        "degenerate (π_0)": f"{fmt(h.get('degenerate'))} ({fmt(h.get('initial_degenerate'))})",
+        "length x π_0": fmt(h.get("length_ratio"), 2),
         "KL to π_0": fmt(h.get("kl_from_initial"), 4),
         "perplexity": fmt(h.get("perplexity"), 2),
         "promoted": fmt_promoted(h),
@@ -157,3 +185,43 @@ def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
 
 def record_promotion(run, head: dict, policy: Path) -> None:
     write_json(run.promoted_path, {"iteration": head["iteration"], "policy": str(policy), "headline": head})
+
+
+FLAG_NAMES = ("empty", "short", "repetitive", "off_topic")
+
+
+def _flags(answer: dict) -> str:
+    flags = [f.replace("_", " ") for f in FLAG_NAMES if answer.get(f)]
+    if "empty" in flags:
+        flags.remove("short")
+    return f"  [{', '.join(flags)}]" if flags else ""
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def samples_text(rows: list[dict], limit: int = 300) -> str:
+    """Side-by-side answers for the terminal: each prompt, then each policy's answer and its flags."""
+    out = []
+    for i, r in enumerate(rows, 1):
+        out.append(f"[{i}] {r['prompt']}")
+        width = max(len(name) for name in r["answers"])
+        for name, a in r["answers"].items():
+            out.append(f"    {name.ljust(width)}  {_clip(a['text'], limit) or '(empty)'}{_flags(a)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def samples_markdown(rows: list[dict], title: str, limit: int = 400) -> str:
+    """The same answers as a markdown artifact: one table per prompt."""
+    out = [f"# {title}", "", "Greedy answers to the same held-out prompts. Flags: empty, short, repetitive, "
+           "off topic (the answer never names its topic).", ""]
+    for i, r in enumerate(rows, 1):
+        out += [f"**{i}. {r['prompt']}**", "", "| policy | answer | flags |", "|---|---|---|"]
+        for name, a in r["answers"].items():
+            text = _clip(a["text"], limit).replace("|", "\\|") or "*(empty)*"
+            out.append(f"| {name} | {text} | {_flags(a).strip(' []')} |")
+        out.append("")
+    return "\n".join(out)

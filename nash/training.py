@@ -95,7 +95,11 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
         from trl import DPOConfig, DPOTrainer
 
         downweight = length_guard is not None and length_guard.action == "downweight"
-        args = DPOConfig(**common, loss_type=[PAIRED_LOSSES[cfg.loss]], label_smoothing=cfg.label_smoothing,
+        # RPO: TRL's `sft` term is the mean NLL of the chosen tokens, weighted against the preference loss.
+        losses, weights = [PAIRED_LOSSES[cfg.loss]], None
+        if cfg.nll_alpha:
+            losses, weights = losses + ["sft"], [1.0, cfg.nll_alpha]
+        args = DPOConfig(**common, loss_type=losses, loss_weights=weights, label_smoothing=cfg.label_smoothing,
                          ld_alpha=length_guard.alpha if downweight else None, precompute_ref_log_probs=True)
         return DPOTrainer(ref_model=ref_model, args=args, **kwargs)
     if cfg.loss == "kto":

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from nash.config import Config, ConfigError, RulesJudge, load_config
+from nash.config import CompositeJudge, Config, ConfigError, QualityJudge, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,9 +15,10 @@ def test_default_yaml_is_complete_and_valid():
     written = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     # Every key of every section is written out in the default file.
     for section, fields in Config.model_fields.items():
-        model = RulesJudge if section == "judge" else fields.annotation
+        model = CompositeJudge if section == "judge" else fields.annotation
         assert set(written[section]) == set(model.model_fields), section
-    assert cfg.judge.kind == "rules"
+    assert set(written["judge"]["components"][0]) == set(QualityJudge.model_fields)
+    assert cfg.judge.kind == "composite" and [c.kind for c in cfg.judge.components] == ["quality", "rules"]
 
 
 def test_unknown_key_names_key_file_and_line(tmp_path):

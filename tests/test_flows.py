@@ -8,7 +8,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from nash.config import load_config
-from nash.records import Judgment, read_jsonl
+from nash.records import Judgment, Sample, read_jsonl
 from nash.registry import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,33 @@ def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, t
     evals = [a for a in by_type["table"] if a.key == "nash-flowrun-eval"]
     assert any({r["iteration"] for r in json.loads(a.data)} == {1, 2} for a in evals)
     assert any(a.type == "progress" and a.data == 100.0 for a in arts)
+    side = [a for a in by_type["markdown"] if a.key == "nash-flowrun-iter-002-samples"]
+    assert side and all(f"| {name} |" in side[0].data for name in ("iter_000", "iter_001", "iter_002"))
+
+
+def test_samples_command_shows_answers_side_by_side(prefect_server, tmp_path, tiny_overrides, capsys):
+    from flows.cli import main
+
+    sets = [x for o in tiny_overrides + ["run.name=side"] for x in ("--set", o)]
+    assert main(["run", str(ROOT / "configs" / "default.yaml"), "--iterations", "2", "--runs-dir", str(tmp_path),
+                 *sets, "--set", "judge={kind: rules}", "--set", "pairs.min_chosen_score=0.5",
+                 "--set", "pairs.min_margin=0.5"]) == 0
+    capsys.readouterr()
+    assert main(["samples", "side", "-n", "3", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    it = RunDir(tmp_path / "side").iterations()[1]
+    answers = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
+    assert "iter_002, 3 held-out prompts" in out and out.count("[") >= 3
+    assert out.count("iter_000") == 3 and out.count("iter_001") == 3 and out.count("iter_002") == 3 + 1
+    first = " ".join(answers[0].response.split())[:60]
+    assert first in out
+    assert main(["samples", "side", "--iteration", "7", "--runs-dir", str(tmp_path)]) == 2
+    metrics = json.loads(it.metrics.read_text())
+    deg = metrics["degeneration"]
+    assert set(deg) == {"policy", "initial"} and deg["policy"]["n"] == deg["initial"]["n"] == 5
+    head = metrics["headline"]
+    assert head["degenerate"] == deg["policy"]["degenerate"] and head["length_ratio"] > 0
+    assert metrics["promotion"]["checks"][-1]["condition"] == "degenerate_rise <= 0.05"
 
 
 @pytest.mark.slow
