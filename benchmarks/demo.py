@@ -66,6 +66,14 @@ def main() -> None:
             "initial_perplexity": metrics["drift"].get("initial_perplexity"),
             "eval_n": head["n"],
             "train": metrics["train"],
+            "substantive_pass_rate": head.get("substantive_pass_rate"),
+            "initial_substantive_pass_rate": head.get("initial_substantive_pass_rate"),
+            "degenerate": head.get("degenerate"),
+            "initial_degenerate": head.get("initial_degenerate"),
+            "degeneration": {k: {m: v for m, v in d.items()} for k, d in metrics.get("degeneration", {}).items()},
+            "length_ratio": head.get("length_ratio"),
+            "promoted": head.get("promoted"),
+            "warnings": metrics.get("warnings", []),
         })
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -78,15 +86,21 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\nmachine: {result['machine']}; whole demo: {wall / 60:.1f} min wall\n")
-    print("| iteration | " + " | ".join(STAGES) + " | pairs | pass rate (π_0) | win rate vs π_0 ± SE | LC win rate "
-          "| mean tokens | KL to π_0 | perplexity (π_0) |")
-    print("|---" * (len(STAGES) + 8) + "|")
+    print("| iteration | " + " | ".join(STAGES) + " | pairs | real pass rate (π_0) | degenerate (π_0) | pass rate (π_0) "
+          "| win rate vs π_0 ± SE | LC win rate | mean tokens | KL to π_0 | perplexity (π_0) | promoted |")
+    print("|---" * (len(STAGES) + 11) + "|")
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for r in rows:
         secs = " | ".join(f"{r['seconds'][s]:.0f} s" for s in STAGES)
-        print(f"| {r['iteration']} | {secs} | {r['pairs']} | {r['pass_rate']:.3f} ({r['initial_pass_rate']:.3f}) | "
-              f"{r['win_rate_vs_initial']:.3f} ± {r['win_rate_se']:.3f} | {r['lc_win_rate']:.3f} | "
-              f"{r['mean_tokens']:.0f} | {r['kl_from_initial']:.3f} | {r['perplexity']:.2f} "
-              f"({r['initial_perplexity']:.2f}) |")
+        print(f"| {r['iteration']} | {secs} | {r['pairs']} | {f(r['substantive_pass_rate'])} "
+              f"({f(r['initial_substantive_pass_rate'])}) | {f(r['degenerate'])} ({f(r['initial_degenerate'])}) | "
+              f"{f(r['pass_rate'])} ({f(r['initial_pass_rate'])}) | {f(r['win_rate_vs_initial'])} ± "
+              f"{f(r['win_rate_se'])} | {f(r['lc_win_rate'])} | {r['mean_tokens']:.0f} | {f(r['kl_from_initial'])} | "
+              f"{r['perplexity']:.2f} ({r['initial_perplexity']:.2f}) | {'yes' if r['promoted'] else 'no'} |")
+    for r in rows:
+        for w in r["warnings"]:
+            print(f"warning: {w}")
+
 
 if __name__ == "__main__":
     main()

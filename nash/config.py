@@ -395,6 +395,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item}: {k!r} is not a section")
+        if keys[-1] == "kind" and node.get("kind") not in (None, value):
+            # Another judge kind: the file's keys for the old kind do not apply to it.
+            prefix = ".".join(keys[:-1]) + "."
+            for k in [k for k in node if lines.get(prefix + k) != "--set"]:
+                del node[k]
         node[keys[-1]] = value
         lines[".".join(keys)] = "--set"
     return validate_config(data, lines)

@@ -116,3 +116,11 @@ def test_each_judge_kind_has_its_own_keys():
 def test_recipes_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.run.name != "demo" and cfg.policy.model == load_config(ROOT / "configs" / "default.yaml").policy.model
+
+
+def test_setting_another_judge_kind_drops_the_files_judge_keys():
+    cfg = load_config(ROOT / "configs" / "default.yaml",
+                      ["judge.base_url=http://127.0.0.1:9/v1", "judge.kind=openai", "judge.model=m"])
+    assert cfg.judge.kind == "openai" and cfg.judge.base_url == "http://127.0.0.1:9/v1" and cfg.judge.model == "m"
+    rec = load_config(ROOT / "configs" / "self_rewarding.yaml")
+    assert rec.judge.kind == "self" and rec.judge.protocol == "pointwise"

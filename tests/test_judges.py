@@ -50,7 +50,8 @@ def test_composite_weights_scores_and_fails_when_a_component_fails(tiny_model_di
     cfg = load_config(None, ["judge={kind: composite, components: [{kind: rules}, {kind: rules}], weights: [3, 1]}"])
     out = build_judge(cfg.judge).score(prompt, ["ok", "NO"])
     assert [j.score for j in out] == [1.0, 0.0]
-    assert out[0].details["components"] == [{"judge": "rules", "score": 1.0, "outcome": "scored"}] * 2
+    assert out[0].details["components"] == [{"judge": "rules", "score": 1.0, "outcome": "scored",
+                                             "details": {"passed": {"lowercase": True}}}] * 2
     mixed = load_config(None, [f"judge={{kind: composite, components: [{{kind: rules}}, {{kind: hf, model: '{tiny_model_dir}', "
                                 "weighted: false, max_tokens: 4, parse_retries: 0}]}"]).judge
     out = build_judge(mixed).score(prompt, ["ok"])
