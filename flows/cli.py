@@ -30,6 +30,9 @@ from nash.report import format_table
 # The temporary server would otherwise try to send usage telemetry, which fails offline
 # and races the server's own SQLite writes at start-up.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The first start creates and migrates Prefect's SQLite database, which takes longer than
+# Prefect's 20 s default on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, ReferenceError, FileNotFoundError)
 

@@ -211,3 +211,18 @@ def test_length_guard_downweight_is_ld_dpo(tiny_model_dir, tmp_path):
     # The precomputed reference sums are taken as given (TRL computes them with the same weighting).
     want = (-F.logsigmoid(BETA * ((pc - REF_C) - (pr - REF_R)))).mean()
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_nll_alpha_adds_the_rpo_nll_term_on_chosen_tokens(tiny_model_dir, tmp_path):
+    """RPO: the DPO loss plus nll_alpha × the mean negative log-likelihood of the chosen answer's tokens."""
+    trainer = trainer_for(tiny_model_dir, tmp_path, nll_alpha=0.5)
+    model, inputs = dpo_batch()
+    got = trainer._compute_loss(model, inputs, return_outputs=False)
+    nll = -CHOSEN[MASK_C[:, 1:].bool()].mean()
+    want = closed_form("dpo") + 0.5 * nll
+    assert torch.allclose(got, want, atol=1e-6), (float(got), float(want))
+
+
+def test_nll_alpha_needs_a_dpo_family_loss():
+    with pytest.raises(ValueError, match="nll_alpha works with the DPOTrainer losses"):
+        TrainSection(loss="kto", nll_alpha=1.0)
