@@ -142,11 +142,15 @@ def baseline_head(run) -> dict | None:
 
 def plot_run(run, heads: list[dict], title: str = "") -> Path | None:
     base = baseline_head(run) if heads and heads[0]["iteration"] == 1 else None
+    if base:  # π_0's own degeneration figures, as every evaluation measured them
+        base.update(substantive_pass_rate=heads[0].get("initial_substantive_pass_rate"),
+                    degenerate=heads[0].get("initial_degenerate"))
     return plot(([base] if base else []) + heads, run.plot_path, title)
 
 
 def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
-    """Win rate (± SE), LC win rate and mean answer length against iteration, as a PNG."""
+    """Win rate (± SE), LC win rate, real pass rate, degenerate share and mean answer length against
+    iteration, as a PNG."""
     if not heads:
         return None
     import matplotlib
@@ -162,9 +166,14 @@ def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
                 label="win rate (± SE)")
     ax.plot(xs, [h.get("lc_win_rate") if h.get("lc_win_rate") is not None else float("nan") for h in heads],
             marker="s", label="LC win rate")
+    for key, label, style, color in (("substantive_pass_rate", "real pass rate", "D-.", "tab:purple"),
+                                     ("degenerate", "degenerate share", "x:", "tab:red")):
+        ys = [h.get(key) for h in heads]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, color=color, label=label)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("iteration")
-    ax.set_ylabel(f"win rate vs {heads[-1].get('against', 'reference')}")
+    ax.set_ylabel(f"rate (win rate vs {heads[-1].get('against', 'reference')})")
     ax.set_ylim(0, 1)
     ax.set_xticks(xs)
     ax2 = ax.twinx()
