@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/nash run configs/default.yaml --runs-dir $(RUNS)
 	$(BIN)/nash status demo --runs-dir $(RUNS)
 	$(BIN)/nash eval demo --runs-dir $(RUNS)
+	$(BIN)/nash samples demo --runs-dir $(RUNS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
