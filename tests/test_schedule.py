@@ -15,7 +15,8 @@ DEADLINE_S = 480
 def test_served_cron_round_is_scheduled_picked_up_and_completes(tmp_path, tiny_overrides):
     runs = tmp_path / "runs"
     # The tiny model writes no real answers, so the rules judge alone makes its pairs.
-    sets = [x for o in tiny_overrides + ["run.name=cron", "judge={kind: rules}"] for x in ("--set", o)]
+    sets = [x for o in tiny_overrides + ["run.name=cron", "judge={kind: rules}", "eval.drift_prompts=0",
+                                        "train.kl_prompts=0"] for x in ("--set", o)]
     with PrefectServer(tmp_path / "prefect") as server:
         served = server.start([sys.executable, "-m", "flows.cli", "serve", str(ROOT / "configs" / "default.yaml"),
                                "--cron", "* * * * *", "--iterations", "1", "--runs-dir", str(runs), *sets],
