@@ -100,7 +100,7 @@ class QualityJudge:
             d2, r3 = quality.distinct_n(text, 2), quality.repeated_ngram_share(text, 3)
             failed = [name for name, bad in (
                 ("short", n < c.min_words),
-                ("repetitive", quality.is_repetitive(text, c.min_distinct_2, c.max_repeated_3)),
+                ("repetitive", quality.is_repetitive(d2, r3, c.min_distinct_2, c.max_repeated_3)),
                 ("gibberish", vocab is not None and vocab < c.min_vocab_share),
                 ("off_topic", relevance[k] < c.min_relevance),
             ) if bad]

@@ -62,8 +62,9 @@ def names_topic(text: str, topic: str | None) -> bool | None:
                for k in keys)
 
 
-def is_repetitive(text: str, min_distinct_2: float = MIN_DISTINCT_2, max_repeated_3: float = MAX_REPEATED_3) -> bool:
-    d2, r3 = distinct_n(text, 2), repeated_ngram_share(text, 3)
+def is_repetitive(d2: float | None, r3: float | None, min_distinct_2: float = MIN_DISTINCT_2,
+                  max_repeated_3: float = MAX_REPEATED_3) -> bool:
+    """From an answer's distinct-2 and repeated-trigram share (None: too few words to tell)."""
     return (d2 is not None and d2 < min_distinct_2) or (r3 is not None and r3 > max_repeated_3)
 
 
@@ -71,11 +72,13 @@ def degeneration(text: str, topic: str | None, min_words: int = MIN_WORDS) -> di
     """The flags of one answer; `substantive` is a sentence or more, not repetitive, on its topic."""
     n = len(words(text))
     on_topic = names_topic(text, topic)
+    d2 = distinct_n(text, 2)
     flags = {
         "words": n,
+        "distinct_2": d2,
         "empty": n == 0,
         "short": n < min_words,
-        "repetitive": is_repetitive(text),
+        "repetitive": is_repetitive(d2, repeated_ngram_share(text, 3)),
         "off_topic": on_topic is False and n >= min_words,  # a short answer counts as short only
     }
     flags["substantive"] = not (flags["short"] or flags["repetitive"] or flags["off_topic"])
@@ -89,7 +92,7 @@ def share(flags: list[dict], key: str) -> float | None:
 def report(texts: list[str], topics: list[str | None], min_words: int = MIN_WORDS) -> dict:
     """Shares of empty, short, repetitive, off-topic and substantive answers, distinct-2, mean words."""
     flags = [degeneration(t, tp, min_words) for t, tp in zip(texts, topics)]
-    d2 = [d for d in (distinct_n(t, 2) for t in texts) if d is not None]
+    d2 = [f["distinct_2"] for f in flags if f["distinct_2"] is not None]
     return {
         "n": len(flags),
         "empty": share(flags, "empty"),

@@ -7,6 +7,7 @@ warnings and `eval.promote_if` all read those blocks, so nothing here recomputes
 from __future__ import annotations
 
 import json
+import math
 import operator
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def warnings_for(head: dict, earlier: list[dict], eval_cfg, train: dict | None =
                    f"{eval_cfg.warn_length_ratio})")
     train = train or {}
     loss, kl = train.get("last_step_loss"), train.get("kl_from_parent")
-    if kl is not None and kl < 1e-4 and (loss is None or abs(loss - 0.6931) < 1e-3):
+    if kl is not None and kl < 1e-4 and (loss is None or abs(loss - math.log(2)) < 1e-3):
         out.append(f"{name}: the update did not move the policy (KL to π_t {kl:.2e}, last loss {fmt(loss, 4)}, "
                    f"{train.get('steps', '?')} step(s)): too few pairs or steps, or a learning rate still warming up")
     if not earlier:
