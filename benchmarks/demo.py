@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import Interval, describe  # noqa: E402
 from nash.iteration import STAGES  # noqa: E402
 from nash.registry import RunDir  # noqa: E402
 
@@ -38,9 +36,9 @@ def main() -> None:
     cmd = [sys.executable, "-m", "flows.cli", "run", args.config, "--runs-dir", str(runs_dir)]
     for s in args.set:
         cmd += ["--set", s]
-    start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    wall = time.time() - start
+    with Interval() as span:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = span.wall
 
     run = next(RunDir(p.parent) for p in runs_dir.glob("*/run.json"))
     rows = []
@@ -74,18 +72,21 @@ def main() -> None:
             "length_ratio": head.get("length_ratio"),
             "promoted": head.get("promoted"),
             "warnings": metrics.get("warnings", []),
+            "precision": {k: m.get("precision", {}).get(k) for k in ("compute", "weights", "drift", "reason")},
         })
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        "config": args.config,
+        "machine": describe(),
+        "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
         "overrides": args.set,
-        "wall_seconds": round(wall, 1),
+        **span.record(),
         "iterations": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\nmachine: {result['machine']}; whole demo: {wall / 60:.1f} min wall\n")
+    steal = "" if span.steal is None else f", {span.steal:.0%} of the CPU taken by the hypervisor (steal)"
+    print(f"\nmachine: {result['machine']}; whole demo: {wall / 60:.1f} min wall{steal}; "
+          f"precision {rows[0]['precision']['compute'] if rows else '?'}\n")
     print("| iteration | " + " | ".join(STAGES) + " | pairs | real pass rate (π_0) | degenerate (π_0) | pass rate (π_0) "
           "| win rate vs π_0 ± SE | LC win rate | mean tokens | KL to π_0 | perplexity (π_0) | promoted |")
     print("|---" * (len(STAGES) + 11) + "|")

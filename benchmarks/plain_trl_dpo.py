@@ -44,7 +44,7 @@ config = DPOConfig(output_dir=args.out + ".trainer", beta=args.beta, learning_ra
                    num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
                    max_length=args.max_length, warmup_steps=args.warmup, lr_scheduler_type="linear",
                    logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
-                   bf16=torch.cuda.is_available())  # TRL defaults to bf16, which a CPU cannot run
+                   bf16=torch.cuda.is_available())  # as TRL's docs run it: bf16 on a GPU, float32 on a CPU
 trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
 result = trainer.train()
 trainer.save_model(args.out)

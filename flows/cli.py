@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
             if args.against == it.path.name:
                 continue
             if judge is None:
-                judge = iteration.eval_judge(run.config())
+                judge = iteration.eval_judge(run.config(), it.precision())
             r = iteration.compare_iteration(it, args.against, judge_=judge)
             write_json(it.eval_dir / f"vs_{args.against}" / "summary.json", r)
             head = {**head, **report.comparison_headline(r)}

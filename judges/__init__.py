@@ -5,10 +5,11 @@ from __future__ import annotations
 from judges.base import Budget, BudgetExhausted, Judge
 
 
-def build_judge(cfg, policy_path: str | None = None) -> Judge:
+def build_judge(cfg, policy_path: str | None = None, precision=None) -> Judge:
     """Build the judge that `cfg` (a `judge` config section) names.
 
-    `policy_path` is the policy the `self` judge uses: the one that sampled the candidates.
+    `policy_path` is the policy the `self` judge uses: the one that sampled the candidates;
+    `precision` (nash.precision.Precision) is the policy's, which the `self` judge runs in.
     """
     kind = cfg.kind
     if kind == "rules":
@@ -26,7 +27,8 @@ def build_judge(cfg, policy_path: str | None = None) -> Judge:
     if kind == "composite":
         from judges.composite import CompositeJudge
 
-        return CompositeJudge([build_judge(c, policy_path) for c in cfg.components], cfg.weights, cfg.combine)
+        return CompositeJudge([build_judge(c, policy_path, precision) for c in cfg.components], cfg.weights,
+                              cfg.combine)
     from judges.cache import JudgmentCache, cache_key
     from judges.lm import LMJudge
     from nash.policy import cache_dir
@@ -39,11 +41,14 @@ def build_judge(cfg, policy_path: str | None = None) -> Judge:
     elif kind in ("self", "hf"):
         from judges.local import LocalBackend
         from nash.policy import resolve_policy
+        from nash.precision import resolve
 
         if kind == "self" and policy_path is None:
             raise ValueError("judge.kind=self needs the policy that sampled the candidates")
         model = policy_path if kind == "self" else resolve_policy(cfg.model)
-        backend, concurrency = LocalBackend(model, getattr(cfg, "dtype", "float32"), cfg.batch_size), 1
+        if kind == "hf" or precision is None:
+            precision = resolve(getattr(cfg, "precision", "auto"))
+        backend, concurrency = LocalBackend(model, precision.inference_dtype, cfg.batch_size), 1
     else:
         raise ValueError(f"judge.kind: unknown judge {kind!r}")
     cache = None

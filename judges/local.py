@@ -24,7 +24,7 @@ class LocalBackend:
         # A run directory can be deleted and made again at the same path: the weights' size and
         # modification time keep a new model at an old path from being served old replies.
         weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
-        self.identity = {"kind": "local", "model": model_path,
+        self.identity = {"kind": "local", "model": model_path, "dtype": dtype,
                          "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
         self.sampler = TransformersSampler(model_path, dtype=dtype, batch_size=batch_size)
         self.seed = seed

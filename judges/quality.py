@@ -42,13 +42,13 @@ def resolve_embedder(spec: str) -> str:
 class Embedder:
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of MiniLM)."""
 
-    def __init__(self, spec: str, batch_size: int = 64, max_length: int = 256):
+    def __init__(self, spec: str, dtype: str = "float32", batch_size: int = 64, max_length: int = 256):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_embedder(spec)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         self.vocab = {w for w in self.tokenizer.get_vocab() if w.isalpha()}
         self.batch_size, self.max_length = batch_size, max_length
         self._lock = threading.Lock()
@@ -62,8 +62,8 @@ class Embedder:
                 b = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
                 h = self.model(**b).last_hidden_state
-                mask = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-                e = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                mask = b["attention_mask"].unsqueeze(-1)
+                e = (h.float() * mask.float()).sum(1) / mask.float().sum(1).clamp(min=1e-9)
                 out.append(torch.nn.functional.normalize(e, dim=-1))
         return torch.cat(out) if out else torch.zeros(0, 1)
 
@@ -72,13 +72,13 @@ class Embedder:
         return sum(w in self.vocab for w in ws) / len(ws) if ws else None
 
 
-_EMBEDDERS: dict[str, Embedder] = {}
+_EMBEDDERS: dict[tuple[str, str], Embedder] = {}
 
 
-def get_embedder(spec: str) -> Embedder:
-    if spec not in _EMBEDDERS:
-        _EMBEDDERS[spec] = Embedder(spec)
-    return _EMBEDDERS[spec]
+def get_embedder(spec: str, dtype: str = "float32") -> Embedder:
+    if (spec, dtype) not in _EMBEDDERS:
+        _EMBEDDERS[spec, dtype] = Embedder(spec, dtype)
+    return _EMBEDDERS[spec, dtype]
 
 
 class QualityJudge:
@@ -86,8 +86,12 @@ class QualityJudge:
     concurrency = 1
 
     def __init__(self, cfg):
+        from nash.precision import resolve
+
         self.cfg = cfg
-        self.embedder = get_embedder(cfg.embedder)
+        # The embedder is small: on the CPU, whatever device the policy uses.
+        self.precision = resolve(cfg.precision, device="cpu")
+        self.embedder = get_embedder(cfg.embedder, self.precision.inference_dtype)
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
         c = self.cfg

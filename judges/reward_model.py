@@ -14,13 +14,16 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from nash.policy import resolve_policy
+        from nash.precision import resolve
 
         path = resolve_policy(cfg.model)
+        self.precision = resolve(cfg.precision)
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, self.precision.inference_dtype)).to(self.precision.device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.model.config.num_labels != 1:
@@ -38,7 +41,7 @@ class RewardModelJudge:
         scores = []
         for start in range(0, len(texts), self.cfg.batch_size):
             enc = self.tokenizer(texts[start : start + self.cfg.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.cfg.max_length)
+                                 truncation=True, max_length=self.cfg.max_length).to(self.precision.device)
             with self.torch.inference_mode():
                 scores += self.model(**enc).logits[:, 0].float().tolist()
         return [

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     pass
 
 
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -34,7 +37,25 @@ class RunSection(Section):
 
 class PolicySection(Section):
     model: str = Field(EMBEDDED, description="π_0: the embedded default, a local HF directory, or a hub id.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    precision: Precision = Field(
+        "auto", description="Compute precision of training, sampling, evaluation answers and local judges. auto: "
+        "bf16 on CUDA devices and CPUs (avx512_bf16, AMX) that have it, fp16 on older GPUs, else fp32.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights that training updates and saves (float32: mixed precision with float32 "
+        "master weights and optimizer state).",
+    )
+    drift_precision: Literal["fp32", "policy"] = Field(
+        "fp32", description="KL and perplexity: fp32, or policy (policy.precision). bf16 rounds away small updates.",
+    )
+
+    @model_validator(mode="after")
+    def _precision_fits_dtype(self):
+        half = {"bfloat16": "bf16", "float16": "fp16"}.get(self.dtype)
+        if half and self.precision not in ("auto", half):
+            raise ValueError(f"precision {self.precision} does not fit dtype {self.dtype}: "
+                             f"{self.dtype} weights compute in {half} (set precision: {half} or auto)")
+        return self
 
 
 class PromptsSection(Section):
@@ -114,12 +135,13 @@ class SelfJudge(_LocalJudge):
 class HFJudge(_LocalJudge):
     kind: Literal["hf"]
     model: str = Field(..., description="Local directory or hub id of a causal LM.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    precision: Precision = Field("auto", description="As policy.precision, for the judge's weights.")
 
 
 class RewardModelJudge(Section):
     kind: Literal["reward_model"]
     model: str = Field(..., description="Sequence-classification reward model: local directory or hub id.")
+    precision: Precision = Field("auto", description="As policy.precision, for the reward model's weights.")
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=16)
 
@@ -128,6 +150,7 @@ class QualityJudge(Section):
     kind: Literal["quality"]
     embedder: str = Field("embedded:all-minilm-l6-v2", description="Sentence-embedding model (mean pooling): "
                           "the embedded all-MiniLM-L6-v2, a local directory or a hub id.")
+    precision: Precision = Field("auto", description="As policy.precision, for the embedder.")
     min_words: int = Field(6, ge=0, description="Fewer words than this is not an answer (a sentence or more).")
     min_relevance: float = Field(0.25, description="Cosine of the answer's and the topic's embeddings below "
                                  "this is off topic (the prompt's text when it has no topic).")
@@ -231,6 +254,10 @@ class TrainSection(Section):
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(256, ge=16, description="Prompt plus completion tokens; longer pairs are truncated.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute "
+        "(TRL's default is on; large policies on GPUs want it).",
+    )
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     lora: LoraSection | None = Field(None, description="Train a LoRA adapter (PEFT), merged into the saved policy.")
     launcher: Literal["python", "accelerate"] = Field(

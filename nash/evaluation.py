@@ -23,6 +23,7 @@ from pathlib import Path
 
 from judges.base import Judge
 from nash.judging import judge_samples, outcome_counts
+from nash.precision import for_config
 from nash.records import USAGE, Judgment, Prompt, Sample, read_jsonl, write_jsonl
 from nash.sampling import Progress, SamplingParams, build_sampler
 
@@ -88,13 +89,14 @@ def load_reference_set(source: str, num_prompts: int) -> list[Prompt]:
 
 
 def answer(policy_path: str, prompts: list[Prompt], cfg, out_dir: Path, label: str,
-           progress: Progress | None = None) -> list[Sample]:
+           progress: Progress | None = None, precision=None) -> list[Sample]:
     """Greedy answers of one policy to `prompts`, kept in `out_dir/samples.jsonl` and reused."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "samples.jsonl"
     if path.is_file():
         return read_jsonl(path, Sample)
-    sampler = build_sampler(cfg.sampling.backend, policy_path, cfg.policy.dtype, cfg.sampling.batch_size)
+    precision = precision or for_config(cfg)
+    sampler = build_sampler(cfg.sampling.backend, policy_path, precision.inference_dtype, cfg.sampling.batch_size)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.run.seed)
     completions = sampler.generate([p.text for p in prompts], params, progress)
     samples = [Sample(prompt_id=p.id, candidate=0, prompt=p.text, response=c[0].text, num_tokens=c[0].num_tokens,

@@ -26,6 +26,7 @@ from nash import prompts as prompt_sources
 from nash.drift import load_texts, perplexity, token_kl
 from nash.judging import judge_samples, outcome_counts
 from nash.policy import resolve_policy
+from nash.precision import for_config as precision_for
 from nash.records import (
     USAGE,
     Judgment,
@@ -113,6 +114,7 @@ def prepare(run_dir: str) -> str:
         parent_policy={"iteration": parent.index if parent else 0, "path": parent_policy},
         prompt_partition={"index": it.index, "size": len(part), "ids": [p.id for p in part]},
         packages=package_versions(),
+        precision=precision_for(cfg).describe(),
         started_at=now(),
         stages={},
     )
@@ -126,7 +128,8 @@ def sample(iter_dir: str, progress: Progress | None = None) -> str:
     def work():
         parts = read_jsonl(it.path / "prompts.jsonl", Prompt)
         policy = it.manifest()["parent_policy"]["path"]
-        sampler = build_sampler(cfg.sampling.backend, policy, cfg.policy.dtype, cfg.sampling.batch_size)
+        dtype = it.precision().inference_dtype
+        sampler = build_sampler(cfg.sampling.backend, policy, dtype, cfg.sampling.batch_size)
         s = cfg.sampling
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=cfg.run.seed * 1000 + it.index)
@@ -154,7 +157,7 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
             write_jsonl(it.judgments, [])
             return {"skipped": "pairs.rule spin needs no judge"}
         parts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
-        judge_ = build_judge(cfg.judge, policy_path=it.manifest()["parent_policy"]["path"])
+        judge_ = build_judge(cfg.judge, it.manifest()["parent_policy"]["path"], it.precision())
         judgments, info = judge_samples(judge_, parts, read_jsonl(it.samples, Sample), it.judgments, progress)
         counts = outcome_counts(judgments)
         it.update_manifest(judge_outcomes=counts, judge_stop=info)
@@ -210,21 +213,22 @@ def train(iter_dir: str, progress: Progress | None = None) -> str:
     return _run_stage(it, "train", it.policy, work)
 
 
-def eval_judge(cfg):
+def eval_judge(cfg, precision=None):
     """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0."""
     jcfg = cfg.eval.judge or cfg.judge
     if jcfg.kind in ("openai", "self", "hf"):
         jcfg = jcfg.model_copy(update={"protocol": "pairwise", "template": None, "weighted": cfg.eval.weighted})
-    return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model))
+    return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model), precision=precision)
 
 
-def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], progress=None) -> tuple[dict, str]:
+def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], progress=None,
+                      precision=None) -> tuple[dict, str]:
     """The outputs a policy is compared with: the reference set, π_0's answers, or iter_M's answers."""
     if against == "reference" and cfg.eval.reference != "initial":
         return {p.id: p.reference for p in prompts}, prompts[0].generator or "reference"
     if against in ("reference", "iter_000"):
         base = evaluation.answer(resolve_policy(cfg.policy.model), prompts, cfg, run.baseline_dir / "eval",
-                                 "iter_000", progress)
+                                 "iter_000", progress, precision)
         return {s.prompt_id: s.response for s in base}, "iter_000"
     other = IterationDir(run, int(against[5:])) if re.fullmatch(r"iter_\d+", against) else None
     if other is None or not other.complete or not (other.eval_dir / "samples.jsonl").is_file():
@@ -235,11 +239,12 @@ def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], pro
 
 def compare_iteration(it: IterationDir, against: str = "reference", progress=None, judge_=None) -> dict:
     """Annotate iteration `it`'s held-out answers against `against`; files under eval/vs_<against>/."""
-    run, cfg = it.run, it.run.config()
+    run, cfg, precision = it.run, it.run.config(), it.precision()
     prompts = read_jsonl(run.eval_prompts, Prompt)
-    model = evaluation.answer(str(it.policy), prompts, cfg, it.eval_dir, f"iter_{it.index:03d}", progress)
-    reference, generator = reference_outputs(run, cfg, against, prompts, progress)
-    result = evaluation.compare(judge_ or eval_judge(cfg), prompts, model, reference,
+    model = evaluation.answer(str(it.policy), prompts, cfg, it.eval_dir, f"iter_{it.index:03d}", progress,
+                              precision)
+    reference, generator = reference_outputs(run, cfg, against, prompts, progress, precision)
+    result = evaluation.compare(judge_ or eval_judge(cfg, precision), prompts, model, reference,
                                 it.eval_dir / f"vs_{against}" / "judgments.jsonl", cfg.eval.lc_glm, progress)
     return {"against": against, "generator": generator, **result}
 
@@ -248,18 +253,19 @@ def drift(it: IterationDir, cfg) -> dict:
     """KL(π_t || π_0) on held-out prompts (π_t's own answers) and perplexity on general text."""
     if not cfg.eval.drift_prompts:
         return {}
-    run, initial = it.run, resolve_policy(cfg.policy.model)
+    run, initial, dtype = it.run, resolve_policy(cfg.policy.model), it.precision().drift_dtype
     answers = read_jsonl(it.eval_dir / "samples.jsonl", Sample)[: cfg.eval.drift_prompts]
     kl = token_kl(str(it.policy), initial, [s.prompt for s in answers], [s.response for s in answers],
-                  cfg.policy.dtype, max_length=cfg.train.max_length)
+                  dtype, max_length=cfg.train.max_length)
     texts = load_texts(cfg.eval.drift_text)
-    base_path = run.baseline_dir / "drift.json"
+    # π_0's perplexity is measured once per run and precision: a figure in another dtype is not comparable.
+    base_path = run.baseline_dir / ("drift.json" if dtype == "float32" else f"drift-{dtype}.json")
     if not base_path.is_file():
         run.baseline_dir.mkdir(parents=True, exist_ok=True)
-        write_json(base_path, perplexity(initial, texts, cfg.policy.dtype))
+        write_json(base_path, perplexity(initial, texts, dtype))
     return {"kl_from_initial": kl["kl"], "kl_tokens": kl["tokens"],
-            "perplexity": perplexity(str(it.policy), texts, cfg.policy.dtype)["perplexity"],
-            "initial_perplexity": json.loads(base_path.read_text())["perplexity"]}
+            "perplexity": perplexity(str(it.policy), texts, dtype)["perplexity"],
+            "initial_perplexity": json.loads(base_path.read_text())["perplexity"], "precision": dtype}
 
 
 def degeneration(it: IterationDir, cfg, progress=None) -> dict:
@@ -267,7 +273,7 @@ def degeneration(it: IterationDir, cfg, progress=None) -> dict:
     prompts = read_jsonl(it.run.eval_prompts, Prompt)
     policy = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
     initial = evaluation.answer(resolve_policy(cfg.policy.model), prompts, cfg, it.run.baseline_dir / "eval",
-                                "iter_000", progress)
+                                "iter_000", progress, it.precision())
     return {"policy": evaluation.answer_report(prompts, policy, cfg.eval.min_words),
             "initial": evaluation.answer_report(prompts, initial, cfg.eval.min_words)}
 
@@ -313,6 +319,7 @@ def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
             "warnings": warnings,
             "promotion": promo,
             "eval_judge_usage": result["usage"],
+            "precision": manifest.get("precision"),
             "train": manifest.get("train", {}),
             "pairs": manifest.get("pairs", {}),
             "table": report.table_rows(earlier + [head]),

@@ -118,6 +118,15 @@ class IterationDir:
         write_json(self.manifest_path, m)
         return m
 
+    def precision(self):
+        """The precision recorded when the iteration opened; resolved again on a different kind of device."""
+        from nash.precision import Precision, default_device, for_config
+
+        rec = self.manifest().get("precision")
+        if rec and rec.get("device") == default_device():
+            return Precision(**{k: rec[k] for k in ("setting", "compute", "weights", "drift", "device", "reason")})
+        return for_config(self.run.config())
+
     @property
     def status(self) -> str:
         return self.manifest().get("status", "missing")

@@ -35,19 +35,21 @@ def main(argv: list[str]) -> int:
     cfg = it.run.config()
     parent = it.manifest()["parent_policy"]["path"]
     initial = resolve_policy(cfg.policy.model) if cfg.train.reference == "initial" else None
+    precision = it.precision()
 
     def progress(done, total):
         if _is_main():
             print(f"{PROGRESS_TAG} {done} {total}", flush=True)
 
     metrics = train_policy(parent, read_jsonl(it.pairs, Pair), it.policy, cfg.train, cfg.pairs.length_guard,
-                           cfg.policy.dtype, seed=cfg.run.seed * 1000 + it.index, initial_path=initial,
+                           precision, seed=cfg.run.seed * 1000 + it.index, initial_path=initial,
                            progress=progress)
     if not _is_main():
         return 0
     if cfg.train.kl_prompts:
         prompts, responses = kl_sample(read_jsonl(it.samples, Sample), cfg.train.kl_prompts)
-        kl = token_kl(str(it.policy), parent, prompts, responses, cfg.policy.dtype, max_length=cfg.train.max_length)
+        kl = token_kl(str(it.policy), parent, prompts, responses, precision.drift_dtype,
+                      max_length=cfg.train.max_length)
         metrics["kl_from_parent"] = kl["kl"]
         metrics["kl_tokens"] = kl["tokens"]
     metrics["worker_pid"] = os.getpid()

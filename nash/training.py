@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nash.config import PAIRED_LOSSES
+from nash.precision import Precision, resolve
 from nash.records import Pair
 from nash.sampling import Progress
 
@@ -50,16 +51,21 @@ def pairs_to_dataset(pairs: list[Pair], loss: str = "dpo"):
 
 
 def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg, length_guard=None,
-                  dtype: str = "float32", seed: int = 0, initial_path: str | None = None, callbacks=()):
-    """The TRL trainer for `train.loss`, configured from the train section."""
+                  precision: Precision | None = None, seed: int = 0, initial_path: str | None = None, callbacks=()):
+    """The TRL trainer for `train.loss`, configured from the train section.
+
+    The weights load in `precision.weights` and TRL's bf16/fp16 arguments put the forward and
+    backward passes (and the reference log-probabilities) under autocast in `precision.compute`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = train_cfg
+    precision = precision or resolve("fp32")
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, precision.weights)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch_dtype)
     common = dict(
         output_dir=str(work_dir),
@@ -76,8 +82,8 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
         report_to="none",
         disable_tqdm=True,
         seed=seed,
-        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
-        fp16=dtype == "float16" and torch.cuda.is_available(),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        **precision.trainer_args(),
     )
     peft_config = None
     if cfg.lora is not None:
@@ -121,7 +127,7 @@ def _mean(xs):
 
 
 def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, length_guard=None,
-                 dtype: str = "float32", seed: int = 0, initial_path: str | None = None,
+                 precision: Precision | None = None, seed: int = 0, initial_path: str | None = None,
                  progress: Progress | None = None) -> dict:
     """Train π_t on `pairs`, save π_{t+1} to `out_dir` (HF format, LoRA merged), return training metrics."""
     from transformers import TrainerCallback
@@ -132,7 +138,9 @@ def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, 
                 progress(state.global_step, state.max_steps)
 
     work = out_dir.with_name(out_dir.name + ".trainer")
-    trainer = build_trainer(policy_path, pairs, work, train_cfg, length_guard, dtype, seed, initial_path, [_Report()])
+    precision = precision or resolve("fp32")
+    trainer = build_trainer(policy_path, pairs, work, train_cfg, length_guard, precision, seed, initial_path,
+                            [_Report()])
     result = trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     if train_cfg.lora is not None:
@@ -161,6 +169,8 @@ def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, 
         "reward_accuracy": last.get("rewards/accuracies"),
         "reward_margin_mean": _mean([h.get("rewards/margins") for h in logs]),
         "reward_accuracy_mean": _mean([h.get("rewards/accuracies") for h in logs]),
+        "precision": precision.compute,
+        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "train_seconds": result.metrics.get("train_runtime"),
         "pairs_per_second": round(len(pairs) * train_cfg.epochs / result.metrics["train_runtime"], 3)
         if result.metrics.get("train_runtime") else None,
