@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nash.policy import EMBEDDED
+from nash.precision import misfit
 
 
 class ConfigError(ValueError):
@@ -51,10 +52,8 @@ class PolicySection(Section):
 
     @model_validator(mode="after")
     def _precision_fits_dtype(self):
-        half = {"bfloat16": "bf16", "float16": "fp16"}.get(self.dtype)
-        if half and self.precision not in ("auto", half):
-            raise ValueError(f"precision {self.precision} does not fit dtype {self.dtype}: "
-                             f"{self.dtype} weights compute in {half} (set precision: {half} or auto)")
+        if error := misfit(self.precision, self.dtype):
+            raise ValueError(error)
         return self
 
 

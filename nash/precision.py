@@ -19,7 +19,7 @@ older CUDA GPUs, float32 elsewhere.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 log = logging.getLogger("nash")
 
@@ -56,6 +56,11 @@ class Precision:
     device: str
     reason: str
 
+    @classmethod
+    def from_record(cls, rec: dict) -> Precision:
+        """The precision a manifest's `precision` record (see `describe`) was made from."""
+        return cls(**{f.name: rec[f.name] for f in fields(cls)})
+
     @property
     def inference_dtype(self) -> str:
         """Weights dtype for stages that only run the model forward."""
@@ -87,6 +92,15 @@ class PrecisionError(ValueError):
     pass
 
 
+def misfit(setting: str, weights: str, prefix: str = "") -> str | None:
+    """Why a compute precision cannot run `weights` (half weights compute in their own dtype), or None."""
+    half = COMPUTE_OF.get(weights)
+    if half in (None, "fp32") or setting in ("auto", half):
+        return None
+    return (f"{prefix}precision {setting} does not fit {prefix}dtype {weights}: {weights} weights compute in "
+            f"{half} (set {prefix}precision: {half} or auto)")
+
+
 def resolve(setting: str = "auto", weights: str = "float32", drift: str = "fp32", device: str | None = None,
             support: dict | None = None) -> Precision:
     """The precision for `setting` on `device` (support: what device_support reports, for tests)."""
@@ -108,9 +122,8 @@ def resolve(setting: str = "auto", weights: str = "float32", drift: str = "fp32"
             compute, reason = "fp32", f"{support.get('detail', device)} has no native bf16 or fp16"
     else:
         compute, reason = setting, "forced by policy.precision"
-        if half != "fp32" and compute != half:
-            raise PrecisionError(f"policy.precision {setting} does not fit policy.dtype {weights}: "
-                                 f"{weights} weights compute in {half} (set policy.precision: {half} or auto)")
+        if error := misfit(setting, weights, "policy."):
+            raise PrecisionError(error)
         if compute != "fp32" and not support.get(compute):
             log.warning("policy.precision %s: %s has no native %s; it is emulated and may be slower than fp32",
                         compute, support.get("detail", device), compute)

@@ -124,7 +124,7 @@ class IterationDir:
 
         rec = self.manifest().get("precision")
         if rec and rec.get("device") == default_device():
-            return Precision(**{k: rec[k] for k in ("setting", "compute", "weights", "drift", "device", "reason")})
+            return Precision.from_record(rec)
         return for_config(self.run.config())
 
     @property

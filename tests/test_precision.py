@@ -75,28 +75,25 @@ class _LinearDtypes(TrainerCallback):
             self.hooked = True
 
 
-def _train(tiny_model_dir, out, precision, callback):
+def _train(monkeypatch, tiny_model_dir, out, precision, callback):
     from nash import training
 
     cfg = TrainSection(learning_rate=1e-2, epochs=1, batch_size=2, max_length=64, warmup_ratio=0.0)
-    orig = training.build_trainer
+    build = training.build_trainer
 
     def with_callback(*a, **k):
-        trainer = orig(*a, **k)
+        trainer = build(*a, **k)
         trainer.add_callback(callback)
         return trainer
 
-    training.build_trainer = with_callback
-    try:
-        return train_policy(tiny_model_dir, pairs(), out, cfg, precision=precision)
-    finally:
-        training.build_trainer = orig
+    monkeypatch.setattr(training, "build_trainer", with_callback)
+    return train_policy(tiny_model_dir, pairs(), out, cfg, precision=precision)
 
 
-def test_bf16_mixed_training_step_keeps_float32_master_weights(tiny_model_dir, tmp_path):
+def test_bf16_mixed_training_step_keeps_float32_master_weights(monkeypatch, tiny_model_dir, tmp_path):
     rec = _LinearDtypes()
     out = tmp_path / "policy"
-    metrics = _train(tiny_model_dir, out, resolve("bf16", device="cpu"), rec)
+    metrics = _train(monkeypatch, tiny_model_dir, out, resolve("bf16", device="cpu"), rec)
     assert rec.seen == {torch.bfloat16}, f"the forward pass ran in {rec.seen}, not under bf16 autocast"
     assert metrics["precision"] == "bf16" and metrics["weights_dtype"] == "float32"
     assert math.isclose(metrics["first_step_loss"], math.log(2), rel_tol=1e-3)
@@ -107,16 +104,16 @@ def test_bf16_mixed_training_step_keeps_float32_master_weights(tiny_model_dir, t
     assert reloaded.dtype == torch.float32 and torch.isfinite(reloaded(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_fp32_training_step_computes_in_float32(tiny_model_dir, tmp_path):
+def test_fp32_training_step_computes_in_float32(monkeypatch, tiny_model_dir, tmp_path):
     rec = _LinearDtypes()
-    _train(tiny_model_dir, tmp_path / "policy", resolve("fp32", device="cpu"), rec)
+    _train(monkeypatch, tiny_model_dir, tmp_path / "policy", resolve("fp32", device="cpu"), rec)
     assert rec.seen == {torch.float32}
 
 
-def test_bf16_weights_train_and_save_in_bf16(tiny_model_dir, tmp_path):
+def test_bf16_weights_train_and_save_in_bf16(monkeypatch, tiny_model_dir, tmp_path):
     rec = _LinearDtypes()
     out = tmp_path / "policy"
-    metrics = _train(tiny_model_dir, out, resolve("auto", "bfloat16", device="cpu"), rec)
+    metrics = _train(monkeypatch, tiny_model_dir, out, resolve("auto", "bfloat16", device="cpu"), rec)
     assert rec.seen == {torch.bfloat16} and metrics["weights_dtype"] == "bfloat16"
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
