@@ -38,6 +38,33 @@ class Sampler(Protocol):
         ...
 
 
+class InverseCDFSampler:
+    """Logits processor that draws the next token by inverse CDF, one uniform per row.
+
+    `generate(do_sample=True)` draws with `torch.multinomial`, which on a CPU fills an
+    exponential variate per vocabulary entry: 95 ms of a 150 ms decode step for 64 rows of
+    SmolLM2's 49k vocabulary. One uniform and a cumulative sum draw from the same categorical
+    distribution. Returns scores that are -inf except at the drawn token, for greedy selection.
+    """
+
+    def __init__(self, temperature: float, top_p: float, generator):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                           + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = self.warpers(input_ids, scores)
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum_(dim=-1)
+        u = torch.rand((scores.shape[0], 1), generator=self.generator, device=scores.device) * cdf[:, -1:]
+        # right=True: a zero-probability token never holds the first cdf value above u
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
 class TransformersSampler:
     """Batched `generate()` on one device; sequences sorted by length to limit padding."""
 
@@ -73,14 +100,18 @@ class TransformersSampler:
             batch = jobs[start : start + self.batch_size]
             enc = tok([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(self.device)
-            torch.manual_seed(params.seed * 1_000_003 + b)
+            draw = None
+            if not greedy:
+                rng = torch.Generator(device=self.device).manual_seed(params.seed * 1_000_003 + b)
+                draw = [InverseCDFSampler(params.temperature, params.top_p, rng)]
             with torch.inference_mode():
                 gen = self.model.generate(
                     **enc,
                     max_new_tokens=params.max_new_tokens,
-                    do_sample=not greedy,
-                    temperature=None if greedy else params.temperature,
-                    top_p=None if greedy else params.top_p,
+                    do_sample=False,  # greedy over the scores InverseCDFSampler leaves
+                    logits_processor=draw,
+                    temperature=None,
+                    top_p=None,
                     top_k=None,
                     pad_token_id=tok.pad_token_id,
                 )

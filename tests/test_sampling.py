@@ -27,3 +27,36 @@ def test_chat_template_is_applied(tiny_model_dir):
     sampler = TransformersSampler(tiny_model_dir)
     text = sampler.chat_text("Say hi.")
     assert "<|im_start|>user\nSay hi.<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_inverse_cdf_draws_follow_the_warped_distribution():
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from nash.sampling import InverseCDFSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 40_000
+    scores = logits.repeat(rows, 1)
+    for temperature, top_p in [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)]:
+        draw = InverseCDFSampler(temperature, top_p, torch.Generator().manual_seed(0))
+        out = draw(None, scores.clone())
+        assert torch.isfinite(out).sum(dim=1).eq(1).all()  # exactly one token left per row
+        counts = torch.bincount(out.argmax(dim=1), minlength=len(logits)).double()
+        expected = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits[None].clone()))
+        p = torch.softmax(expected[0].double(), dim=0)
+        assert counts[p == 0].sum() == 0, "a token outside the nucleus was drawn"
+        sigma = (rows * p * (1 - p)).sqrt()
+        assert ((counts - rows * p).abs() <= 5 * sigma + 1).all(), (temperature, top_p, counts / rows, p)
+
+
+def test_inverse_cdf_draws_are_seeded():
+    import torch
+
+    from nash.sampling import InverseCDFSampler
+
+    scores = torch.randn(8, 50)
+    a = InverseCDFSampler(1.0, 1.0, torch.Generator().manual_seed(1))(None, scores.clone()).argmax(1)
+    b = InverseCDFSampler(1.0, 1.0, torch.Generator().manual_seed(1))(None, scores.clone()).argmax(1)
+    c = InverseCDFSampler(1.0, 1.0, torch.Generator().manual_seed(2))(None, scores.clone()).argmax(1)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
