@@ -25,7 +25,7 @@ class RequestFailed(RuntimeError):
     pass
 
 
-def read_api_key(cfg) -> str:
+def read_api_key(cfg, section: str = "judge") -> str:
     if cfg.api_key_secret:
         from prefect.blocks.system import Secret
 
@@ -36,8 +36,8 @@ def read_api_key(cfg) -> str:
     if cfg.base_url:
         return "EMPTY"  # local OpenAI-compatible servers usually take any key
     raise MissingAPIKey(
-        f"judge.api_key_env: environment variable {cfg.api_key_env} is not set "
-        "(or set judge.api_key_secret to a Prefect Secret block)"
+        f"{section}.api_key_env: environment variable {cfg.api_key_env} is not set "
+        f"(or set {section}.api_key_secret to a Prefect Secret block)"
     )
 
 

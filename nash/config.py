@@ -65,8 +65,49 @@ class PromptsSection(Section):
     partition_size: int = Field(48, ge=1, description="Fresh training prompts per iteration.")
 
 
+class VLLMSection(Section):
+    """vLLM's offline engine, run in a child process per shard (nash/vllm_worker.py)."""
+
+    python: str | None = Field(
+        None, description="Interpreter that runs the engine, e.g. .venv-vllm/bin/python (`make vllm`); "
+        "null: nash's own.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0, description="Share of device memory for weights and KV cache; null: 0.85 on a "
+        "GPU, 0.3 on a CPU (the CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE).",
+    )
+    max_model_len: int | None = Field(None, ge=1, description="Context length; null: the model's.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Engine weights; auto: the run's policy.precision.")
+    enforce_eager: bool = Field(False, description="No CUDA graphs or compilation: faster start, slower decode.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vllm.LLM argument, passed through unchanged.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment of the engine process, e.g. VLLM_CPU_KVCACHE_SPACE: '4'.")
+    start_timeout_s: float = Field(1800.0, gt=0, description="A shard that reports nothing for this long fails.")
+
+
+class SamplingServerSection(Section):
+    """An OpenAI-compatible server that already serves the policy (`vllm serve`, SGLang, TGI, llama.cpp)."""
+
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(
+        "{policy}", description="Model name the server knows; {policy} becomes the policy's path (a server that "
+        "loads weights from disk per request, or serves π_t under that name).",
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable that holds the API key.")
+    api_key_secret: str | None = Field(None, description="Prefect Secret block holding the key (used when set).")
+    concurrency: int = Field(8, ge=1, description="Requests in flight.")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx, timeouts and undecodable replies.")
+
+
 class SamplingSection(Section):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="transformers: generate() in this process; vllm: vLLM's offline engine in a "
+        "child process; openai: a server at sampling.server.base_url.",
+    )
     n: int = Field(4, ge=1, description="Candidates per prompt (K).")
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -75,6 +116,17 @@ class SamplingSection(Section):
     include_reference: bool = Field(
         False, description="Add each prompt's gold answer as one more candidate, judged side by side (DNO)."
     )
+    data_parallel: int = Field(1, ge=1, description="vllm: independent engines, prompts sharded over them.")
+    vllm: VLLMSection = VLLMSection()
+    server: SamplingServerSection = SamplingServerSection()
+
+    @model_validator(mode="after")
+    def _backend_has_what_it_needs(self):
+        if self.backend == "openai" and not self.server.base_url:
+            raise ValueError("sampling.server.base_url: the openai backend needs the server's URL")
+        if self.data_parallel > 1 and self.backend != "vllm":
+            raise ValueError("sampling.data_parallel: only the vllm backend shards prompts over engines")
+        return self
 
 
 class RulesJudge(Section):

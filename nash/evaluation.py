@@ -96,7 +96,7 @@ def answer(policy_path: str, prompts: list[Prompt], cfg, out_dir: Path, label: s
     if path.is_file():
         return read_jsonl(path, Sample)
     precision = precision or for_config(cfg)
-    sampler = build_sampler(cfg.sampling.backend, policy_path, precision.inference_dtype, cfg.sampling.batch_size)
+    sampler = build_sampler(cfg.sampling, policy_path, precision.inference_dtype, out_dir / "sampling")
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.run.seed)
     completions = sampler.generate([p.text for p in prompts], params, progress)
     samples = [Sample(prompt_id=p.id, candidate=0, prompt=p.text, response=c[0].text, num_tokens=c[0].num_tokens,

@@ -38,7 +38,7 @@ from nash.records import (
     write_jsonl,
 )
 from nash.registry import IterationDir, RunDir, now, package_versions
-from nash.sampling import Progress, SamplingParams, build_sampler
+from nash.sampling import THROUGHPUT, Progress, SamplingParams, build_sampler
 from nash.training import train_in_subprocess
 
 log = logging.getLogger("nash")
@@ -129,7 +129,7 @@ def sample(iter_dir: str, progress: Progress | None = None) -> str:
         parts = read_jsonl(it.path / "prompts.jsonl", Prompt)
         policy = it.manifest()["parent_policy"]["path"]
         dtype = it.precision().inference_dtype
-        sampler = build_sampler(cfg.sampling.backend, policy, dtype, cfg.sampling.batch_size)
+        sampler = build_sampler(cfg.sampling, policy, dtype, it.path / "sampling")
         s = cfg.sampling
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=cfg.run.seed * 1000 + it.index)
@@ -139,11 +139,14 @@ def sample(iter_dir: str, progress: Progress | None = None) -> str:
             samples += [Sample(prompt_id=p.id, candidate=k, prompt=p.text, response=c.text,
                                num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}") for k, c in enumerate(cs)]
             if (s.include_reference or cfg.pairs.rule == "spin") and p.reference:
-                n_tok = len(sampler.tokenizer(p.reference, add_special_tokens=False)["input_ids"])
+                n_tok = sampler.count_tokens(p.reference)
                 samples.append(Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
                                       num_tokens=n_tok, policy="reference"))
         write_jsonl(it.samples, samples)
-        return {"candidates": len(samples), "mean_tokens": round(sum(x.num_tokens for x in samples) / len(samples), 1)}
+        if sampler.info:
+            it.update_manifest(sampling=sampler.info)
+        return {"candidates": len(samples), "mean_tokens": round(sum(x.num_tokens for x in samples) / len(samples), 1),
+                "backend": s.backend, **{k: sampler.info[k] for k in THROUGHPUT if k in sampler.info}}
 
     return _run_stage(it, "sample", it.samples, work)
 

@@ -6,13 +6,25 @@ so the same interface fits transformers, vLLM and an OpenAI-compatible server.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from tqdm.auto import tqdm
 
 Progress = Callable[[int, int], None]  # (done, total)
+PROGRESS_TAG = "nash-sample-progress"  # the vLLM worker's progress lines
+THROUGHPUT = ("sequences_per_second", "tokens_per_second", "engine_start_seconds")
 
 
 @dataclass(frozen=True)
@@ -80,8 +92,12 @@ class TransformersSampler:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
+        self.info: dict = {}
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def chat_text(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -127,7 +143,320 @@ class TransformersSampler:
         return out
 
 
-def build_sampler(backend: str, model_path: str, dtype: str, batch_size: int) -> Sampler:
-    if backend == "transformers":
-        return TransformersSampler(model_path, dtype=dtype, batch_size=batch_size)
-    raise ValueError(f"sampling.backend: unknown backend {backend!r}")
+class _Tokens:
+    """Token counts with the policy's tokenizer where it is on disk, else whitespace words."""
+
+    def __init__(self, model_path: str):
+        self.tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception:  # a name only the server knows
+            pass
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:
+            return len(text.split())
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class VLLMSampler(_Tokens):
+    """vLLM's offline engine, one child process per shard (nash/vllm_worker.py), nothing of vLLM here.
+
+    Prompts are split into `data_parallel` contiguous shards, each sampled by its own engine on
+    its own devices, with `SamplingParams(n=K)` so a prompt's K samples share its cached prefix.
+    Each shard writes its file in `work_dir` with a `.done` marker and the job it answers; a
+    re-run reuses finished shards of the same job and redoes the others. The engine processes
+    die with the stage: on failure, Ctrl-C or exit their process groups are killed, and the
+    worker asks the kernel to kill it if this process dies.
+    """
+
+    def __init__(self, model_path: str, cfg, data_parallel: int, dtype: str, work_dir: Path):
+        super().__init__(model_path)
+        self.model_path, self.cfg, self.shards, self.dtype = model_path, cfg, data_parallel, dtype
+        self.work_dir = Path(work_dir)
+        self.info: dict = {}
+
+    def _devices(self) -> list[str] | None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        need = self.shards * self.cfg.tensor_parallel_size
+        if len(devices) < need:
+            raise EngineFailed(f"sampling.data_parallel: {self.shards} engines x sampling.vllm.tensor_parallel_size "
+                               f"{self.cfg.tensor_parallel_size} need {need} GPUs; {len(devices)} visible")
+        return devices
+
+    def engine_args(self, seed: int, gpu: bool) -> dict:
+        c = self.cfg
+        args = {"seed": seed, "dtype": self.dtype if c.dtype == "auto" else c.dtype,
+                "tensor_parallel_size": c.tensor_parallel_size,
+                "gpu_memory_utilization": c.gpu_memory_utilization or (0.85 if gpu else 0.3),
+                "enforce_eager": c.enforce_eager,
+                "generation_config": "vllm"}  # not the model's generation_config.json (vllm#15241)
+        if c.max_model_len:
+            args["max_model_len"] = c.max_model_len
+        return {**args, **c.engine_args}
+
+    @staticmethod
+    def sampling_args(params: SamplingParams) -> dict:
+        # Every parameter set, so no default of the engine or the model decides one.
+        return {"n": params.n, "temperature": params.temperature, "top_p": 1.0 if params.temperature == 0 else params.top_p,
+                "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                "frequency_penalty": 0.0, "max_tokens": params.max_new_tokens, "skip_special_tokens": True}
+
+    def generate(self, prompts, params, progress=None, show_progress=True):
+        devices = self._devices()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        bounds = [round(i * len(prompts) / self.shards) for i in range(self.shards + 1)]
+        jobs, pending = [], []
+        for k in range(self.shards):
+            out = self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.jsonl"
+            job = {"model": self.model_path, "out": str(out),
+                   "engine": self.engine_args(params.seed * 1000 + k, devices is not None),
+                   "sampling": self.sampling_args(params),
+                   "prompts": [{"index": i, "messages": [{"role": "user", "content": prompts[i]}]}
+                               for i in range(bounds[k], bounds[k + 1])]}
+            job_path = out.with_suffix(".job.json")
+            text = json.dumps(job, sort_keys=True)
+            done = Path(str(out) + ".done")
+            if done.is_file() and out.is_file() and job_path.is_file() and job_path.read_text() == text:
+                jobs.append((k, out, None))
+                continue
+            for stale in (out, done, Path(str(out) + ".partial")):
+                stale.unlink(missing_ok=True)
+            job_path.write_text(text)
+            jobs.append((k, out, job_path))
+            pending.append((k, job_path, len(job["prompts"])))
+        if pending:
+            self._run(pending, devices, len(prompts), sum(1 for _, _, j in jobs if j is None), bounds, progress,
+                      show_progress)
+        completions: list[list[Completion] | None] = [None] * len(prompts)
+        figures = []
+        for k, out, _ in jobs:
+            for line in out.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                completions[row["index"]] = [Completion(c["text"].strip(), c["num_tokens"]) for c in row["completions"]]
+            figures.append(json.loads(Path(str(out) + ".done").read_text()))
+        missing = [i for i, c in enumerate(completions) if c is None]
+        if missing:
+            raise EngineFailed(f"sampling: the vLLM shards left {len(missing)} prompts unanswered (first: {missing[0]})")
+        self.info = summarize_shards(figures)
+        return completions
+
+    def _run(self, pending, devices, total, reused_shards, bounds, progress, show_progress):
+        python = self.cfg.python or sys.executable
+        worker = str(Path(__file__).with_name("vllm_worker.py"))
+        done_by: dict[int, int] = {}
+        base = sum(bounds[k + 1] - bounds[k] for k in range(self.shards)) - sum(n for _, _, n in pending)
+        bar = tqdm(total=total, initial=base, desc="sampling (vllm)", unit="prompt", leave=False,
+                   disable=not show_progress)
+        procs, lock = [], threading.Lock()
+        env_base = {**os.environ, "PYTHONUNBUFFERED": "1", **self.cfg.env}
+        if devices is None:
+            env_base.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        try:
+            for k, job_path, _ in pending:
+                env = dict(env_base)
+                if devices is not None:
+                    tp = self.cfg.tensor_parallel_size
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[k * tp : (k + 1) * tp])
+                log = open(self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.log", "a", encoding="utf-8")
+                if not Path(python).exists() and os.sep in python:
+                    raise EngineFailed(f"sampling.vllm.python: {python} does not exist (install it with `make vllm`)")
+                proc = subprocess.Popen([python, worker, str(job_path)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                procs.append((k, proc, log, deque(maxlen=30)))
+
+            def pump(k, proc, log, tail):
+                for line in proc.stdout:
+                    if line.startswith(PROGRESS_TAG):
+                        with lock:
+                            done_by[k] = int(line.split()[1])
+                            n = base + sum(done_by.values())
+                            bar.n = n
+                            bar.refresh()
+                            if progress:
+                                progress(n, total)
+                        continue
+                    log.write(line)
+                    log.flush()
+                    tail.append(line.rstrip())
+
+            threads = [threading.Thread(target=pump, args=p, daemon=True) for p in procs]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + self.cfg.start_timeout_s
+            while any(p.poll() is None for _, p, _, _ in procs):
+                failed = [(k, p, tail) for k, p, _, tail in procs if p.poll() not in (None, 0)]
+                if failed:
+                    break
+                if time.monotonic() > deadline:
+                    raise EngineFailed(f"sampling.vllm.start_timeout_s: a shard ran past {self.cfg.start_timeout_s} s")
+                time.sleep(0.2)
+            for t in threads:
+                t.join(timeout=5)
+            for k, p, _, tail in procs:
+                if p.poll() not in (None, 0):
+                    raise EngineFailed(self._failure(k, p.returncode, tail))
+        finally:
+            for _, p, log, _ in procs:
+                _kill_group(p)
+                log.close()
+            bar.close()
+
+    def _failure(self, k: int, rc: int, tail) -> str:
+        lines = [t for t in tail if t.strip()]
+        key = "sampling.vllm"
+        text = "\n".join(lines)
+        if "No module named 'vllm'" in text:
+            key = "sampling.vllm.python"
+        elif any(s in text for s in ("does not appear to have", "not a valid model", "Repo id", "No such file",
+                                     "is not a local folder")):
+            key = "policy.model"
+        elif "unexpected keyword argument" in text or "got an unexpected" in text:
+            key = "sampling.vllm.engine_args"
+        elif "memory" in text.lower():
+            key = "sampling.vllm.gpu_memory_utilization"
+        log = self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.log"
+        return (f"{key}: the vLLM engine of shard {k} exited with status {rc}; see {log}:\n  "
+                + "\n  ".join(lines[-12:]))
+
+
+def summarize_shards(figures: list[dict]) -> dict:
+    """The stage's throughput from its shards' figures (engines run side by side: the slowest sets the time)."""
+    seqs, toks = sum(f["sequences"] for f in figures), sum(f["tokens"] for f in figures)
+    gen = max(f["generate_seconds"] for f in figures)
+    first = figures[0]
+    return {"backend": "vllm", "vllm_version": first["vllm_version"], "engine_args": first["engine_args"],
+            "sampling_params": first["sampling_params"], "shards": len(figures),
+            "engine_start_seconds": max(f["engine_start_seconds"] for f in figures),
+            "sequences": seqs, "tokens": toks, "generate_seconds": gen,
+            "sequences_per_second": round(seqs / gen, 3) if gen else None,
+            "tokens_per_second": round(toks / gen, 1) if gen else None}
+
+
+class OpenAISampler(_Tokens):
+    """K samples per prompt from a server that already serves the policy, through the chat API's `n`.
+
+    Requests run `concurrency` at a time; the client retries 429, 5xx and timeouts, and a reply
+    that cannot be decoded is retried the same way. Finished prompts are journaled in
+    `work_dir/server.jsonl`, so a re-run after a failure asks only for the others.
+    """
+
+    def __init__(self, model_path: str, cfg, work_dir: Path | None = None):
+        import openai
+
+        from judges.openai_judge import read_api_key
+
+        super().__init__(model_path)
+        self.cfg, self.model = cfg, cfg.model.replace("{policy}", model_path)
+        self._key = read_api_key(cfg, "sampling.server")
+        self.client = openai.OpenAI(api_key=self._key, base_url=cfg.base_url, timeout=cfg.timeout_s,
+                                    max_retries=cfg.max_retries)
+        self.journal = Path(work_dir) / "server.jsonl" if work_dir else None
+        self.info: dict = {}
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
+
+    def _ask(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        import openai
+
+        out: list[Completion] = []
+        attempt = 0
+        while len(out) < params.n:
+            want = params.n - len(out)
+            try:
+                resp = self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}], n=want,
+                    temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
+                    seed=params.seed)
+                choices = resp.choices or []
+                if not choices:
+                    raise ValueError("reply without choices")
+            except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, openai.APIConnectionError) as e:
+                # after the client's own retries, or a body it could not decode: back off and ask again
+                attempt += 1
+                if attempt > self.cfg.max_retries:
+                    raise EngineFailed(f"sampling.server.base_url: {self.cfg.base_url} gave no usable reply after "
+                                       f"{attempt} tries: {type(e).__name__}: {self._scrub(str(e))}") from None
+                time.sleep(min(8.0, 0.25 * 2 ** attempt))
+                continue
+            except openai.APIError as e:
+                raise EngineFailed(f"sampling.server: {type(e).__name__}: {self._scrub(str(e))}") from None
+            for c in choices[:want]:  # a server that ignores `n` answers once: ask again for the rest
+                text = (c.message.content or "").strip()
+                out.append(Completion(text, self.count_tokens(text)))
+        return out
+
+    def generate(self, prompts, params, progress=None, show_progress=True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        done: dict[int, list[Completion]] = {}
+        key = {"model": self.model, "base_url": self.cfg.base_url, "n": params.n, "temperature": params.temperature,
+               "top_p": params.top_p, "max_tokens": params.max_new_tokens, "seed": params.seed}
+        if self.journal and self.journal.is_file():
+            for line in self.journal.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError):  # a line cut short by a crash
+                    row = json.loads(line)
+                    if row["key"] == key and row["prompt"] == prompts[row["index"]]:
+                        done[row["index"]] = [Completion(**c) for c in row["completions"]]
+        todo = [i for i in range(len(prompts)) if i not in done]
+        bar = tqdm(total=len(prompts), initial=len(done), desc="sampling (server)", unit="prompt", leave=False,
+                   disable=not show_progress)
+        lock = threading.Lock()
+        t0 = time.perf_counter()
+        if self.journal:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a", encoding="utf-8") if self.journal else contextlib.nullcontext() as f:
+            def one(i):
+                cs = self._ask(prompts[i], params)
+                with lock:
+                    done[i] = cs
+                    if f:
+                        f.write(json.dumps({"key": key, "index": i, "prompt": prompts[i],
+                                            "completions": [c.__dict__ for c in cs]}) + "\n")
+                        f.flush()
+                    bar.update(1)
+                    if progress:
+                        progress(len(done), len(prompts))
+
+            with ThreadPoolExecutor(self.cfg.concurrency) as pool:
+                for fut in [pool.submit(one, i) for i in todo]:
+                    fut.result()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        seqs = len(todo) * params.n
+        toks = sum(c.num_tokens for i in todo for c in done[i])
+        self.info = {"backend": "openai", "base_url": self.cfg.base_url, "model": self.model, "sequences": seqs,
+                     "tokens": toks, "generate_seconds": round(seconds, 2), "reused_prompts": len(prompts) - len(todo),
+                     "sequences_per_second": round(seqs / seconds, 3) if seqs and seconds else None,
+                     "tokens_per_second": round(toks / seconds, 1) if seqs and seconds else None}
+        return [done[i] for i in range(len(prompts))]
+
+
+def build_sampler(cfg, model_path: str, dtype: str, work_dir: Path | None = None) -> Sampler:
+    """The sampler of `sampling.backend` (cfg: the sampling section); `work_dir` keeps shards and journals."""
+    if cfg.backend == "transformers":
+        return TransformersSampler(model_path, dtype=dtype, batch_size=cfg.batch_size)
+    if cfg.backend == "vllm":
+        return VLLMSampler(model_path, cfg.vllm, cfg.data_parallel, dtype, work_dir or Path(model_path) / ".nash-vllm")
+    if cfg.backend == "openai":
+        return OpenAISampler(model_path, cfg.server, work_dir)
+    raise ValueError(f"sampling.backend: unknown backend {cfg.backend!r}")

@@ -2,7 +2,7 @@
 
 `script` is a list of behaviours consumed one per request; when it is empty the default
 responder answers. Behaviours: ("ok", text), ("429", retry_after_s), ("500",),
-("slow", seconds, text), ("401",). Every request body and header is recorded.
+("slow", seconds, text), ("401",), ("garbled",) (a 200 whose body is cut off). Every request body and header is recorded.
 """
 
 from __future__ import annotations
@@ -82,17 +82,22 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "401":
             key = self.headers.get("Authorization", "").removeprefix("Bearer ")
             return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "auth"}})
+        if kind == "garbled":  # HTTP 200 with a body cut off mid-way
+            return self._send(200, '{"id": "chatcmpl-test", "object": "chat.comp')
         if kind == "slow":
             time.sleep(behaviour[1])
             text = behaviour[2]
         else:
             text = behaviour[1]
-        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        n = body.get("n") or 1 if srv.honour_n else 1
+        texts = [text] + [srv.responder(prompt) for _ in range(n - 1)]
+        choices = [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": t}}
+                   for i, t in enumerate(texts)]
         if body.get("logprobs") and srv.logprobs:
-            choice["logprobs"] = {"content": token_logprobs(text, srv.verdict_confidence)}
+            choices[0]["logprobs"] = {"content": token_logprobs(text, srv.verdict_confidence)}
         self._send(200, {
             "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [choice],
+            "choices": choices,
             "usage": {"prompt_tokens": srv.count_tokens(prompt), "completion_tokens": srv.count_tokens(text),
                       "total_tokens": srv.count_tokens(prompt) + srv.count_tokens(text)},
         })
@@ -109,6 +114,7 @@ class OpenAIServer:
         self.count_tokens = count_tokens
         self.script: list[tuple] = []
         self.logprobs = True  # answer `logprobs: true` requests with token log-probabilities
+        self.honour_n = True  # False: one choice whatever `n` asks, as some servers do
         self.verdict_confidence = 0.8
         self.requests: list[dict] = []
         self.lock = threading.Lock()

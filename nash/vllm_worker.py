@@ -1,0 +1,84 @@
+"""One vLLM sampling shard, in its own process: `python vllm_worker.py JOB.json`.
+
+Standalone on purpose: it imports only the standard library and vLLM, so it runs under the
+interpreter of a separate environment (`sampling.vllm.python`) where nash is not installed.
+
+The job names the model, the prompts as chat messages, the sampling parameters, the engine
+arguments and the output path. The worker writes one JSON line per prompt to OUT.partial,
+renames it to OUT when every prompt is done, then writes OUT.done with the shard's figures
+(vLLM version, engine arguments, sampling parameters, engine start seconds, throughput).
+Progress goes to stdout as `nash-sample-progress DONE TOTAL` lines. The process dies with its
+parent (PR_SET_PDEATHSIG), so an engine never outlives the stage that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+PROGRESS_TAG = "nash-sample-progress"
+CHUNK = 256  # prompts per LLM.chat call: the engine batches within it; progress is reported between
+
+
+def die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def main(job_path: str) -> int:
+    die_with_parent()
+    job = json.loads(open(job_path, encoding="utf-8").read())
+    t0 = time.perf_counter()
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=job["model"], **job["engine"])
+    engine_seconds = time.perf_counter() - t0
+    params = SamplingParams(**job["sampling"])
+    prompts = job["prompts"]
+    out, partial = job["out"], job["out"] + ".partial"
+    t1, n_seq, n_tok = time.perf_counter(), 0, 0
+    with open(partial, "w", encoding="utf-8") as f:
+        for start in range(0, len(prompts), CHUNK):
+            chunk = prompts[start : start + CHUNK]
+            results = llm.chat([p["messages"] for p in chunk], params, use_tqdm=False)
+            for p, r in zip(chunk, results):
+                outs = [{"text": o.text, "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason}
+                        for o in r.outputs]
+                n_seq += len(outs)
+                n_tok += sum(o["num_tokens"] for o in outs)
+                f.write(json.dumps({"index": p["index"], "completions": outs}) + "\n")
+            f.flush()
+            print(f"{PROGRESS_TAG} {start + len(chunk)} {len(prompts)}", flush=True)
+        os.fsync(f.fileno())
+    gen_seconds = time.perf_counter() - t1
+    os.replace(partial, out)
+    figures = {
+        "vllm_version": vllm.__version__,
+        "engine_args": job["engine"],
+        "sampling_params": job["sampling"],
+        "prompts": len(prompts),
+        "sequences": n_seq,
+        "tokens": n_tok,
+        "engine_start_seconds": round(engine_seconds, 2),
+        "generate_seconds": round(gen_seconds, 2),
+        "sequences_per_second": round(n_seq / gen_seconds, 3) if gen_seconds else None,
+        "tokens_per_second": round(n_tok / gen_seconds, 1) if gen_seconds else None,
+    }
+    with open(out + ".done", "w", encoding="utf-8") as f:
+        f.write(json.dumps(figures, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
