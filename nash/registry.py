@@ -63,6 +63,7 @@ def iteration_row(manifest: dict) -> dict:
         "iteration": manifest.get("iteration"),
         "status": manifest.get("status", "missing"),
         "candidates": manifest.get("stages", {}).get("sample", {}).get("candidates", "-"),
+        "sampling tok/s": fmt(manifest.get("stages", {}).get("sample", {}).get("tokens_per_second"), 0),
         "pairs kept": p.get("pairs", "-"),
         "prompts dropped": p.get("prompts_dropped", "-"),
         "replayed": replayed if p else "-",

@@ -112,6 +112,7 @@ class TransformersSampler:
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         greedy = params.temperature == 0.0
         bar = tqdm(total=len(jobs), desc="sampling", unit="seq", leave=False, disable=not show_progress)
+        t0 = time.perf_counter()
         for b, start in enumerate(range(0, len(jobs), self.batch_size)):
             batch = jobs[start : start + self.batch_size]
             enc = tok([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -140,6 +141,12 @@ class TransformersSampler:
             if progress:
                 progress(min(start + len(batch), len(jobs)), len(jobs))
         bar.close()
+        seconds = time.perf_counter() - t0
+        toks = sum(c.num_tokens for cs in out for c in cs)
+        self.info = {"backend": "transformers", "sequences": len(jobs), "tokens": toks,
+                     "generate_seconds": round(seconds, 2),
+                     "sequences_per_second": round(len(jobs) / seconds, 3) if seconds else None,
+                     "tokens_per_second": round(toks / seconds, 1) if seconds else None}
         return out
 
 

@@ -39,9 +39,12 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
         head, wr = metrics["headline"], metrics["win_rate"]
         assert 0.0 <= head["pass_rate"] <= 1.0 and 0.0 <= head["win_rate"] <= 1.0
         assert wr["n"] + wr["failed"] + wr["unjudged"] == 5 and wr["against"] == "reference"
-        # The tiny random model's greedy answers decode to empty text, so KL has no tokens to read here
+        # The tiny random model's greedy answers may decode to empty text, leaving KL no tokens to read
         # (tests/test_drift.py checks the KL itself); perplexity reads the shipped general text.
-        assert metrics["drift"]["kl_tokens"] == 0 and head["kl_from_initial"] is None
+        if metrics["drift"]["kl_tokens"] == 0:
+            assert head["kl_from_initial"] is None
+        else:
+            assert head["kl_from_initial"] >= 0
         assert head["perplexity"] > 1 and metrics["drift"]["initial_perplexity"] > 1 and head["promoted"] is True
         assert [r["iteration"] for r in metrics["table"]] == list(range(1, it.index + 1))
         assert metrics["train"]["steps"] > 0
