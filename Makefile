@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(BIN)/nash eval demo --runs-dir $(RUNS)
 	$(BIN)/nash samples demo --runs-dir $(RUNS)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,7 +224,8 @@ class VLLMSampler(_Tokens):
     @staticmethod
     def sampling_args(params: SamplingParams) -> dict:
         # Every parameter set, so no default of the engine or the model decides one.
-        return {"n": params.n, "temperature": params.temperature, "top_p": 1.0 if params.temperature == 0 else params.top_p,
+        # vLLM refuses n > 1 when greedy; the K greedy answers are one answer K times
+        return {"n": 1 if params.temperature == 0 else params.n, "temperature": params.temperature, "top_p": 1.0 if params.temperature == 0 else params.top_p,
                 "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
                 "frequency_penalty": 0.0, "max_tokens": params.max_new_tokens, "skip_special_tokens": True}
 
@@ -236,7 +238,7 @@ class VLLMSampler(_Tokens):
             out = self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.jsonl"
             job = {"model": self.model_path, "out": str(out),
                    "engine": self.engine_args(params.seed * 1000 + k, devices is not None),
-                   "sampling": self.sampling_args(params),
+                   "sampling": self.sampling_args(params), "seed": params.seed * 1_000_003,
                    "prompts": [{"index": i, "messages": [{"role": "user", "content": prompts[i]}]}
                                for i in range(bounds[k], bounds[k + 1])]}
             job_path = out.with_suffix(".job.json")
@@ -251,14 +253,14 @@ class VLLMSampler(_Tokens):
             jobs.append((k, out, job_path))
             pending.append((k, job_path, len(job["prompts"])))
         if pending:
-            self._run(pending, devices, len(prompts), sum(1 for _, _, j in jobs if j is None), bounds, progress,
-                      show_progress)
+            self._run(pending, devices, len(prompts), bounds, progress, show_progress)
         completions: list[list[Completion] | None] = [None] * len(prompts)
         figures = []
         for k, out, _ in jobs:
             for line in out.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
-                completions[row["index"]] = [Completion(c["text"].strip(), c["num_tokens"]) for c in row["completions"]]
+                cs = [Completion(c["text"].strip(), c["num_tokens"]) for c in row["completions"]]
+                completions[row["index"]] = (cs * params.n)[: params.n]
             figures.append(json.loads(Path(str(out) + ".done").read_text()))
         missing = [i for i, c in enumerate(completions) if c is None]
         if missing:
@@ -266,40 +268,53 @@ class VLLMSampler(_Tokens):
         self.info = summarize_shards(figures)
         return completions
 
-    def _run(self, pending, devices, total, reused_shards, bounds, progress, show_progress):
+    def _run(self, pending, devices, total, bounds, progress, show_progress):
         python = self.cfg.python or sys.executable
-        worker = str(Path(__file__).with_name("vllm_worker.py"))
-        done_by: dict[int, int] = {}
+        if os.sep in python and not Path(python).exists():
+            raise EngineFailed(f"sampling.vllm.python: {python} does not exist (install it with `make vllm`)")
         base = sum(bounds[k + 1] - bounds[k] for k in range(self.shards)) - sum(n for _, _, n in pending)
         bar = tqdm(total=total, initial=base, desc="sampling (vllm)", unit="prompt", leave=False,
                    disable=not show_progress)
-        procs, lock = [], threading.Lock()
-        env_base = {**os.environ, "PYTHONUNBUFFERED": "1", **self.cfg.env}
+        done_by: dict[int, int] = {}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.cfg.env}
         if devices is None:
-            env_base.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+        def report(k, n):
+            done_by[k] = n
+            bar.n = base + sum(done_by.values())
+            bar.refresh()
+            if progress:
+                progress(bar.n, total)
+
+        # GPU shards run side by side, each on its own devices; CPU shards one after another, since
+        # engines sharing cores gain nothing and their thread layout would change the numerics.
+        waves = [pending] if devices is not None else [[p] for p in pending]
         try:
-            for k, job_path, _ in pending:
-                env = dict(env_base)
+            for wave in waves:
+                self._wave(wave, python, env, devices, report)
+        finally:
+            bar.close()
+
+    def _wave(self, wave, python, env, devices, report):
+        worker = str(Path(__file__).with_name("vllm_worker.py"))
+        procs, lock = [], threading.Lock()
+        try:
+            for k, job_path, _ in wave:
+                shard_env = dict(env)
                 if devices is not None:
                     tp = self.cfg.tensor_parallel_size
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[k * tp : (k + 1) * tp])
+                    shard_env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[k * tp : (k + 1) * tp])
                 log = open(self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.log", "a", encoding="utf-8")
-                if not Path(python).exists() and os.sep in python:
-                    raise EngineFailed(f"sampling.vllm.python: {python} does not exist (install it with `make vllm`)")
                 proc = subprocess.Popen([python, worker, str(job_path)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                                        stderr=subprocess.STDOUT, text=True, env=shard_env, start_new_session=True)
                 procs.append((k, proc, log, deque(maxlen=30)))
 
             def pump(k, proc, log, tail):
                 for line in proc.stdout:
                     if line.startswith(PROGRESS_TAG):
                         with lock:
-                            done_by[k] = int(line.split()[1])
-                            n = base + sum(done_by.values())
-                            bar.n = n
-                            bar.refresh()
-                            if progress:
-                                progress(n, total)
+                            report(k, int(line.split()[1]))
                         continue
                     log.write(line)
                     log.flush()
@@ -310,9 +325,8 @@ class VLLMSampler(_Tokens):
                 t.start()
             deadline = time.monotonic() + self.cfg.start_timeout_s
             while any(p.poll() is None for _, p, _, _ in procs):
-                failed = [(k, p, tail) for k, p, _, tail in procs if p.poll() not in (None, 0)]
-                if failed:
-                    break
+                if any(p.poll() not in (None, 0) for _, p, _, _ in procs):
+                    break  # one shard failed: the others are stopped below
                 if time.monotonic() > deadline:
                     raise EngineFailed(f"sampling.vllm.start_timeout_s: a shard ran past {self.cfg.start_timeout_s} s")
                 time.sleep(0.2)
@@ -325,10 +339,12 @@ class VLLMSampler(_Tokens):
             for _, p, log, _ in procs:
                 _kill_group(p)
                 log.close()
-            bar.close()
 
     def _failure(self, k: int, rc: int, tail) -> str:
         lines = [t for t in tail if t.strip()]
+        errors = [t for t in lines if re.search(r"\w(Error|Exception)\b.*:", t)]
+        if errors:  # the engine's own error first: shutdown messages follow it in the log
+            lines = [errors[-1]] + [t for t in lines if t != errors[-1]]
         key = "sampling.vllm"
         text = "\n".join(lines)
         if "No module named 'vllm'" in text:
@@ -342,7 +358,7 @@ class VLLMSampler(_Tokens):
             key = "sampling.vllm.gpu_memory_utilization"
         log = self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.log"
         return (f"{key}: the vLLM engine of shard {k} exited with status {rc}; see {log}:\n  "
-                + "\n  ".join(lines[-12:]))
+                + "\n  ".join(lines[:1] + lines[-11:] if errors else lines[-12:]))
 
 
 def summarize_shards(figures: list[dict]) -> dict:

@@ -42,20 +42,25 @@ def main(job_path: str) -> int:
 
     llm = LLM(model=job["model"], **job["engine"])
     engine_seconds = time.perf_counter() - t0
-    params = SamplingParams(**job["sampling"])
+    # A seed per prompt, from the prompt's index in the whole stage: its K samples do not depend
+    # on the shard it falls in, on the batch around it, or on a resumed shard starting later.
+    def params(p):
+        return SamplingParams(**job["sampling"], seed=job["seed"] + p["index"])
+
     prompts = job["prompts"]
     out, partial = job["out"], job["out"] + ".partial"
     t1, n_seq, n_tok = time.perf_counter(), 0, 0
     with open(partial, "w", encoding="utf-8") as f:
         for start in range(0, len(prompts), CHUNK):
             chunk = prompts[start : start + CHUNK]
-            results = llm.chat([p["messages"] for p in chunk], params, use_tqdm=False)
+            results = llm.chat([p["messages"] for p in chunk], [params(p) for p in chunk], use_tqdm=False)
             for p, r in zip(chunk, results):
                 outs = [{"text": o.text, "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason}
                         for o in r.outputs]
                 n_seq += len(outs)
                 n_tok += sum(o["num_tokens"] for o in outs)
-                f.write(json.dumps({"index": p["index"], "completions": outs}) + "\n")
+                f.write(json.dumps({"index": p["index"], "prompt_tokens": len(r.prompt_token_ids or []),
+                                    "completions": outs}) + "\n")
             f.flush()
             print(f"{PROGRESS_TAG} {start + len(chunk)} {len(prompts)}", flush=True)
         os.fsync(f.fileno())
@@ -64,7 +69,7 @@ def main(job_path: str) -> int:
     figures = {
         "vllm_version": vllm.__version__,
         "engine_args": job["engine"],
-        "sampling_params": job["sampling"],
+        "sampling_params": {**job["sampling"], "seed": f"{job['seed']} + prompt index"},
         "prompts": len(prompts),
         "sequences": n_seq,
         "tokens": n_tok,

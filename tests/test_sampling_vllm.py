@@ -1,0 +1,132 @@
+"""The vllm sampling backend with the real engine (the CPU build, in .venv-vllm: `make vllm`)."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nash.config import VLLMSection
+from nash.sampling import EngineFailed, SamplingParams, VLLMSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = os.environ.get("NASH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+
+if not Path(PYTHON).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"CI needs vLLM for these tests: {PYTHON} is missing (make vllm)")
+    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+
+PROMPTS = ["Say hi.", "Count to three.", "Name a color.", "Write one word."]
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer; head size 64, which the CPU attention supports."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from nash.policy import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("vllm-policy")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def make(model, work, shards=1, **kw):
+    cfg = VLLMSection(python=PYTHON, enforce_eager=True, max_model_len=512, **kw)
+    return VLLMSampler(model, cfg, shards, "bfloat16", work)
+
+
+def engine_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "vllm_worker.py" in line or "EngineCore" in line]
+
+
+def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=7)
+    s = make(vllm_model_dir, tmp_path, shards=2)
+    out = s.generate(PROMPTS, params, show_progress=False)
+    assert [len(cs) for cs in out] == [3] * len(PROMPTS)
+    assert all(len({c.text for c in cs}) == 3 for cs in out), "K samples of a prompt must differ"
+    assert all(1 <= c.num_tokens <= 12 for cs in out for c in cs)
+    shards = sorted(tmp_path.glob("shard-*-of-02.jsonl"))
+    assert [p.name for p in shards] == ["shard-00-of-02.jsonl", "shard-01-of-02.jsonl"]
+    # the engine applied the policy's chat template: prompt lengths match transformers' rendering
+    rows = [json.loads(line) for p in shards for line in p.read_text().splitlines()]
+    for row in rows:
+        chat = s.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[row["index"]]}],
+                                               add_generation_prompt=True, tokenize=False)
+        ids = s.tokenizer(chat, add_special_tokens=False)["input_ids"]
+        assert row["prompt_tokens"] == len(ids)
+    info = s.info
+    assert info["shards"] == 2 and info["sequences"] == 12 and info["tokens_per_second"] > 0
+    assert info["engine_args"]["generation_config"] == "vllm" and info["sampling_params"]["n"] == 3
+    assert info["vllm_version"] and info["engine_start_seconds"] > 0
+    assert not engine_processes()
+
+    # A shard that did not finish (no marker) is redone, alone, and the engine seed gives the same samples.
+    (tmp_path / "shard-01-of-02.jsonl.done").unlink()
+    log0 = (tmp_path / "shard-00-of-02.log").read_text()
+    again = make(vllm_model_dir, tmp_path, shards=2).generate(PROMPTS, params, show_progress=False)
+    assert [[c.text for c in cs] for cs in again] == [[c.text for c in cs] for cs in out]
+    assert (tmp_path / "shard-00-of-02.log").read_text() == log0  # shard 0's engine did not start again
+    assert (tmp_path / "shard-01-of-02.jsonl.done").is_file()
+
+    # Other sampling parameters are another job: nothing is reused (this interpreter fails at once).
+    (tmp_path / "shard-00-of-02.jsonl.done").touch()
+    other = VLLMSampler(vllm_model_dir, VLLMSection(python="/bin/false"), 2, "bfloat16", tmp_path)
+    with pytest.raises(EngineFailed, match="shard 0 exited with status 1"):
+        other.generate(PROMPTS, SamplingParams(n=2, temperature=0.5, max_new_tokens=12, seed=7), show_progress=False)
+    assert json.loads((tmp_path / "shard-00-of-02.job.json").read_text())["sampling"]["n"] == 2
+    assert not (tmp_path / "shard-00-of-02.jsonl.done").exists()
+
+
+def test_killed_engine_fails_the_stage_and_leaves_nothing_running(vllm_model_dir, tmp_path):
+    s = make(vllm_model_dir, tmp_path)
+
+    def kill_when_started():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            procs = [line.split()[0] for line in engine_processes() if "vllm_worker.py" in line]
+            if procs:
+                time.sleep(3)  # inside the engine's start
+                os.kill(int(procs[0]), signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    with pytest.raises(EngineFailed, match=r"sampling\.vllm: the vLLM engine of shard 0 exited with status -9"):
+        s.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8), show_progress=False)
+    killer.join()
+    time.sleep(2)
+    assert not engine_processes(), engine_processes()
+    assert not (tmp_path / "shard-00-of-01.jsonl.done").exists()
+
+
+def test_bad_model_path_names_the_key_and_the_log(tmp_path):
+    s = make(str(tmp_path / "no-such-policy"), tmp_path / "work")
+    with pytest.raises(EngineFailed) as err:
+        s.generate(PROMPTS[:1], SamplingParams(n=1, max_new_tokens=4), show_progress=False)
+    msg = str(err.value)
+    assert msg.startswith("policy.model: the vLLM engine of shard 0 exited") and "shard-00-of-01.log" in msg
+    assert not engine_processes()
+
+
+def test_missing_interpreter_names_the_key(vllm_model_dir, tmp_path):
+    cfg = VLLMSection(python=str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(EngineFailed, match=r"sampling\.vllm\.python: .* does not exist"):
+        VLLMSampler(vllm_model_dir, cfg, 1, "float32", tmp_path).generate(["Hi."], SamplingParams(), show_progress=False)
