@@ -41,6 +41,11 @@ def read_api_key(cfg, section: str = "judge") -> str:
     )
 
 
+def scrub(text: str, key: str | None) -> str:
+    """`text` with the API key masked, for anything recorded or raised."""
+    return text.replace(key, "***") if key and key != "EMPTY" else text
+
+
 class OpenAIBackend:
     def __init__(self, cfg, api_key: str):
         import openai
@@ -54,9 +59,6 @@ class OpenAIBackend:
         # Prompts are judged `concurrency` at a time and each may send several requests:
         # this bounds the requests in flight across all of them.
         self._in_flight = threading.BoundedSemaphore(cfg.concurrency)
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
 
     def _one(self, messages, temperature, max_tokens, logprobs=False):
         with self._in_flight:
@@ -80,7 +82,7 @@ class OpenAIBackend:
                 tokens_out=usage.completion_tokens if usage else 0,
             )
         except Exception as e:  # after the client's retries: recorded as a failed judgment
-            return RequestFailed(f"{type(e).__name__}: {self._scrub(str(e))}")
+            return RequestFailed(f"{type(e).__name__}: {scrub(str(e), self._key)}")
 
     def complete(self, requests, temperature, max_tokens, weighted=None):
         # Weighted pairwise verdicts read the verdict token's top_logprobs, where the server returns them.

@@ -78,8 +78,35 @@ class InverseCDFSampler:
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
-class TransformersSampler:
-    """Batched `generate()` on one device; sequences sorted by length to limit padding."""
+def throughput(sequences: int, tokens: int, seconds: float) -> dict:
+    """Sequences and tokens per second of a generation that took `seconds`."""
+    return {"sequences_per_second": round(sequences / seconds, 3) if sequences and seconds else None,
+            "tokens_per_second": round(tokens / seconds, 1) if sequences and seconds else None}
+
+
+class _Tokens:
+    """Token counts with the policy's tokenizer where it is on disk, else whitespace words."""
+
+    def __init__(self, model_path: str):
+        self.tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception:  # a name only the server knows
+            pass
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:
+            return len(text.split())
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class TransformersSampler(_Tokens):
+    """Batched `generate()` on one device; sequences sorted by length to limit padding.
+
+    Loads its own left-padding tokenizer, which `count_tokens` uses.
+    """
 
     def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 64, device: str | None = None):
         import torch
@@ -96,9 +123,6 @@ class TransformersSampler:
         self.info: dict = {}
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def chat_text(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -145,28 +169,8 @@ class TransformersSampler:
         seconds = time.perf_counter() - t0
         toks = sum(c.num_tokens for cs in out for c in cs)
         self.info = {"backend": "transformers", "sequences": len(jobs), "tokens": toks,
-                     "generate_seconds": round(seconds, 2),
-                     "sequences_per_second": round(len(jobs) / seconds, 3) if seconds else None,
-                     "tokens_per_second": round(toks / seconds, 1) if seconds else None}
+                     "generate_seconds": round(seconds, 2), **throughput(len(jobs), toks, seconds)}
         return out
-
-
-class _Tokens:
-    """Token counts with the policy's tokenizer where it is on disk, else whitespace words."""
-
-    def __init__(self, model_path: str):
-        self.tokenizer = None
-        try:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        except Exception:  # a name only the server knows
-            pass
-
-    def count_tokens(self, text: str) -> int:
-        if self.tokenizer is None:
-            return len(text.split())
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class EngineFailed(RuntimeError):
@@ -225,54 +229,56 @@ class VLLMSampler(_Tokens):
     def sampling_args(params: SamplingParams) -> dict:
         # Every parameter set, so no default of the engine or the model decides one.
         # vLLM refuses n > 1 when greedy; the K greedy answers are one answer K times
-        return {"n": 1 if params.temperature == 0 else params.n, "temperature": params.temperature, "top_p": 1.0 if params.temperature == 0 else params.top_p,
-                "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+        greedy = params.temperature == 0
+        return {"n": 1 if greedy else params.n, "temperature": params.temperature,
+                "top_p": 1.0 if greedy else params.top_p, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
                 "frequency_penalty": 0.0, "max_tokens": params.max_new_tokens, "skip_special_tokens": True}
 
     def generate(self, prompts, params, progress=None, show_progress=True):
         devices = self._devices()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         bounds = [round(i * len(prompts) / self.shards) for i in range(self.shards + 1)]
-        jobs, pending = [], []
+        outs, pending = [], []
         for k in range(self.shards):
-            out = self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.jsonl"
+            out = self._shard(k, ".jsonl")
             job = {"model": self.model_path, "out": str(out),
                    "engine": self.engine_args(params.seed * 1000 + k, devices is not None),
                    "sampling": self.sampling_args(params), "seed": params.seed * 1_000_003,
                    "prompts": [{"index": i, "messages": [{"role": "user", "content": prompts[i]}]}
                                for i in range(bounds[k], bounds[k + 1])]}
-            job_path = out.with_suffix(".job.json")
+            job_path, done = self._shard(k, ".job.json"), self._shard(k, ".jsonl.done")
             text = json.dumps(job, sort_keys=True)
-            done = Path(str(out) + ".done")
+            outs.append((out, done))
             if done.is_file() and out.is_file() and job_path.is_file() and job_path.read_text() == text:
-                jobs.append((k, out, None))
                 continue
-            for stale in (out, done, Path(str(out) + ".partial")):
+            for stale in (out, done, self._shard(k, ".jsonl.partial")):
                 stale.unlink(missing_ok=True)
             job_path.write_text(text)
-            jobs.append((k, out, job_path))
             pending.append((k, job_path, len(job["prompts"])))
         if pending:
-            self._run(pending, devices, len(prompts), bounds, progress, show_progress)
+            self._run(pending, devices, len(prompts), progress, show_progress)
         completions: list[list[Completion] | None] = [None] * len(prompts)
         figures = []
-        for k, out, _ in jobs:
+        for out, done in outs:
             for line in out.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
                 cs = [Completion(c["text"].strip(), c["num_tokens"]) for c in row["completions"]]
                 completions[row["index"]] = (cs * params.n)[: params.n]
-            figures.append(json.loads(Path(str(out) + ".done").read_text()))
+            figures.append(json.loads(done.read_text()))
         missing = [i for i, c in enumerate(completions) if c is None]
         if missing:
             raise EngineFailed(f"sampling: the vLLM shards left {len(missing)} prompts unanswered (first: {missing[0]})")
         self.info = summarize_shards(figures)
         return completions
 
-    def _run(self, pending, devices, total, bounds, progress, show_progress):
+    def _shard(self, k: int, suffix: str) -> Path:
+        return self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}{suffix}"
+
+    def _run(self, pending, devices, total, progress, show_progress):
         python = self.cfg.python or sys.executable
         if os.sep in python and not Path(python).exists():
             raise EngineFailed(f"sampling.vllm.python: {python} does not exist (install it with `make vllm`)")
-        base = sum(bounds[k + 1] - bounds[k] for k in range(self.shards)) - sum(n for _, _, n in pending)
+        base = total - sum(n for _, _, n in pending)  # prompts of the shards reused
         bar = tqdm(total=total, initial=base, desc="sampling (vllm)", unit="prompt", leave=False,
                    disable=not show_progress)
         done_by: dict[int, int] = {}
@@ -305,7 +311,7 @@ class VLLMSampler(_Tokens):
                 if devices is not None:
                     tp = self.cfg.tensor_parallel_size
                     shard_env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[k * tp : (k + 1) * tp])
-                log = open(self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.log", "a", encoding="utf-8")
+                log = open(self._shard(k, ".log"), "a", encoding="utf-8")
                 proc = subprocess.Popen([python, worker, str(job_path)], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=shard_env, start_new_session=True)
                 procs.append((k, proc, log, deque(maxlen=30)))
@@ -356,8 +362,7 @@ class VLLMSampler(_Tokens):
             key = "sampling.vllm.engine_args"
         elif "memory" in text.lower():
             key = "sampling.vllm.gpu_memory_utilization"
-        log = self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}.log"
-        return (f"{key}: the vLLM engine of shard {k} exited with status {rc}; see {log}:\n  "
+        return (f"{key}: the vLLM engine of shard {k} exited with status {rc}; see {self._shard(k, '.log')}:\n  "
                 + "\n  ".join(lines[:1] + lines[-11:] if errors else lines[-12:]))
 
 
@@ -369,9 +374,7 @@ def summarize_shards(figures: list[dict]) -> dict:
     return {"backend": "vllm", "vllm_version": first["vllm_version"], "engine_args": first["engine_args"],
             "sampling_params": first["sampling_params"], "shards": len(figures),
             "engine_start_seconds": max(f["engine_start_seconds"] for f in figures),
-            "sequences": seqs, "tokens": toks, "generate_seconds": gen,
-            "sequences_per_second": round(seqs / gen, 3) if gen else None,
-            "tokens_per_second": round(toks / gen, 1) if gen else None}
+            "sequences": seqs, "tokens": toks, "generate_seconds": gen, **throughput(seqs, toks, gen)}
 
 
 class OpenAISampler(_Tokens):
@@ -395,11 +398,10 @@ class OpenAISampler(_Tokens):
         self.journal = Path(work_dir) / "server.jsonl" if work_dir else None
         self.info: dict = {}
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
-
     def _ask(self, prompt: str, params: SamplingParams) -> list[Completion]:
         import openai
+
+        from judges.openai_judge import scrub
 
         out: list[Completion] = []
         attempt = 0
@@ -418,11 +420,11 @@ class OpenAISampler(_Tokens):
                 attempt += 1
                 if attempt > self.cfg.max_retries:
                     raise EngineFailed(f"sampling.server.base_url: {self.cfg.base_url} gave no usable reply after "
-                                       f"{attempt} tries: {type(e).__name__}: {self._scrub(str(e))}") from None
+                                       f"{attempt} tries: {type(e).__name__}: {scrub(str(e), self._key)}") from None
                 time.sleep(min(8.0, 0.25 * 2 ** attempt))
                 continue
             except openai.APIError as e:
-                raise EngineFailed(f"sampling.server: {type(e).__name__}: {self._scrub(str(e))}") from None
+                raise EngineFailed(f"sampling.server: {type(e).__name__}: {scrub(str(e), self._key)}") from None
             for c in choices[:want]:  # a server that ignores `n` answers once: ask again for the rest
                 text = (c.message.content or "").strip()
                 out.append(Completion(text, self.count_tokens(text)))
@@ -469,8 +471,7 @@ class OpenAISampler(_Tokens):
         toks = sum(c.num_tokens for i in todo for c in done[i])
         self.info = {"backend": "openai", "base_url": self.cfg.base_url, "model": self.model, "sequences": seqs,
                      "tokens": toks, "generate_seconds": round(seconds, 2), "reused_prompts": len(prompts) - len(todo),
-                     "sequences_per_second": round(seqs / seconds, 3) if seqs and seconds else None,
-                     "tokens_per_second": round(toks / seconds, 1) if seqs and seconds else None}
+                     **throughput(seqs, toks, seconds)}
         return [done[i] for i in range(len(prompts))]
 
 
