@@ -178,10 +178,10 @@ class EngineFailed(RuntimeError):
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # The whole group, even when the worker itself is gone: its engine-core child may still live.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 class VLLMSampler(_Tokens):
@@ -352,7 +352,7 @@ class VLLMSampler(_Tokens):
         if errors:  # the engine's own error first: shutdown messages follow it in the log
             lines = [errors[-1]] + [t for t in lines if t != errors[-1]]
         key = "sampling.vllm"
-        text = "\n".join(lines)
+        text = "\n".join(errors or lines)
         if "No module named 'vllm'" in text:
             key = "sampling.vllm.python"
         elif any(s in text for s in ("does not appear to have", "not a valid model", "Repo id", "No such file",
@@ -360,9 +360,12 @@ class VLLMSampler(_Tokens):
             key = "policy.model"
         elif "unexpected keyword argument" in text or "got an unexpected" in text:
             key = "sampling.vllm.engine_args"
-        elif "memory" in text.lower():
+        elif re.search(r"out of memory|OutOfMemory|memory for the cache|KV cache|insufficient memory", text, re.I):
             key = "sampling.vllm.gpu_memory_utilization"
-        return (f"{key}: the vLLM engine of shard {k} exited with status {rc}; see {self._shard(k, '.log')}:\n  "
+        how = f"exited with status {rc}"
+        if rc == -signal.SIGKILL and not errors:
+            how += " (SIGKILL: the kernel's out-of-memory killer, or a person)"
+        return (f"{key}: the vLLM engine of shard {k} {how}; see {self._shard(k, '.log')}:\n  "
                 + "\n  ".join(lines[:1] + lines[-11:] if errors else lines[-12:]))
 
 

@@ -8,7 +8,8 @@ arguments and the output path. The worker writes one JSON line per prompt to OUT
 renames it to OUT when every prompt is done, then writes OUT.done with the shard's figures
 (vLLM version, engine arguments, sampling parameters, engine start seconds, throughput).
 Progress goes to stdout as `nash-sample-progress DONE TOTAL` lines. The process dies with its
-parent (PR_SET_PDEATHSIG), so an engine never outlives the stage that started it.
+parent (PR_SET_PDEATHSIG), and so does the engine core it starts, so an engine never outlives
+the stage that started it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ def die_with_parent() -> None:
             os._exit(1)
 
 
+# At import, not in main(): vLLM's engine core is a child process, and a spawned child imports
+# this file again (as __mp_main__) while a forked one runs the fork hook, so it dies with the
+# worker too instead of living on as an orphan holding the model's memory.
+die_with_parent()
+os.register_at_fork(after_in_child=die_with_parent)
+
+
 def main(job_path: str) -> int:
-    die_with_parent()
     job = json.loads(open(job_path, encoding="utf-8").read())
     t0 = time.perf_counter()
     import vllm

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -100,12 +101,14 @@ def test_killed_engine_fails_the_stage_and_leaves_nothing_running(vllm_model_dir
     def kill_when_started():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            procs = [line.split()[0] for line in engine_processes() if "vllm_worker.py" in line]
-            if procs:
-                time.sleep(3)  # inside the engine's start
-                os.kill(int(procs[0]), signal.SIGKILL)
+            lines = engine_processes()
+            # The engine core's process lives from the engine's start to its end, seconds even for this model:
+            # killing the worker once it exists lands inside the engine's work on any machine speed.
+            if any("EngineCore" in line for line in lines):
+                worker = [line.split()[0] for line in lines if "vllm_worker.py" in line]
+                os.kill(int(worker[0]), signal.SIGKILL)
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_when_started)
     killer.start()
@@ -115,6 +118,38 @@ def test_killed_engine_fails_the_stage_and_leaves_nothing_running(vllm_model_dir
     time.sleep(2)
     assert not engine_processes(), engine_processes()
     assert not (tmp_path / "shard-00-of-01.jsonl.done").exists()
+
+
+STAGE = """
+import sys
+from pathlib import Path
+from nash.config import VLLMSection
+from nash.sampling import SamplingParams, VLLMSampler
+model, work, python = sys.argv[1:]
+cfg = VLLMSection(python=python, enforce_eager=True, max_model_len=512)
+VLLMSampler(model, cfg, 1, "bfloat16", Path(work)).generate(["Say hi."] * 64, SamplingParams(n=4, max_new_tokens=64))
+"""
+
+
+def test_killed_stage_takes_its_engine_with_it(vllm_model_dir, tmp_path):
+    """kill -9 of the process running the stage: no worker and no engine core may live on."""
+    stage = subprocess.Popen([sys.executable, "-c", STAGE, vllm_model_dir, str(tmp_path), PYTHON],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("EngineCore" in line for line in engine_processes()):
+            assert stage.poll() is None and time.monotonic() < deadline, "the engine core never started"
+            time.sleep(0.1)
+        stage.kill()
+        stage.wait()
+        deadline = time.monotonic() + 10
+        while engine_processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not engine_processes(), engine_processes()
+    finally:
+        stage.kill()
+        for line in engine_processes():
+            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def test_bad_model_path_names_the_key_and_the_log(tmp_path):
