@@ -100,6 +100,7 @@ def _find_run(args) -> RunDir:
 
 def cmd_eval(args) -> int:
     """The evaluation table of a run; with --against iter_M, annotate against that iteration's answers."""
+    from judges import close_judge
     from nash import iteration, report
     from nash.records import write_json
 
@@ -109,20 +110,24 @@ def cmd_eval(args) -> int:
         raise ReferenceError(f"--iteration {args.iteration}: no complete iteration {args.iteration} in {run.path}")
     heads = []
     judge = None
-    for it in its:
-        head = json.loads(it.metrics.read_text()).get("headline")
-        if head is None:
-            print(f"nash: {it.path.name} was evaluated before win rates were recorded; skipped", file=sys.stderr)
-            continue
-        if args.against != "reference":
-            if args.against == it.path.name:
+    try:
+        for it in its:
+            head = json.loads(it.metrics.read_text()).get("headline")
+            if head is None:
+                print(f"nash: {it.path.name} was evaluated before win rates were recorded; skipped", file=sys.stderr)
                 continue
-            if judge is None:
-                judge = iteration.eval_judge(run.config(), it.precision())
-            r = iteration.compare_iteration(it, args.against, judge_=judge)
-            write_json(it.eval_dir / f"vs_{args.against}" / "summary.json", r)
-            head = {**head, **report.comparison_headline(r)}
-        heads.append(head)
+            if args.against != "reference":
+                if args.against == it.path.name:
+                    continue
+                if judge is None:
+                    judge = iteration.eval_judge(run.config(), it.precision(), run.path / "judge_server")
+                r = iteration.compare_iteration(it, args.against, judge_=judge)
+                write_json(it.eval_dir / f"vs_{args.against}" / "summary.json", r)
+                head = {**head, **report.comparison_headline(r)}
+            heads.append(head)
+    finally:
+        if judge is not None:
+            close_judge(judge)
     print(f"run {run.name}  ({run.path})")
     print(report.format_table(report.table_rows(heads)))
     if args.against == "reference" and args.iteration is None and heads:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from judges.base import Budget, BudgetExhausted, Judge
 
 
-def build_judge(cfg, policy_path: str | None = None, precision=None) -> Judge:
+def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=None, work_dir=None) -> Judge:
     """Build the judge that `cfg` (a `judge` config section) names.
 
     `policy_path` is the policy the `self` judge uses: the one that sampled the candidates;
-    `precision` (nash.precision.Precision) is the policy's, which the `self` judge runs in.
+    `precision` (nash.precision.Precision) is the policy's, which the `self` judge runs in;
+    `sampling` (the run's sampling section) puts the `self` judge on the policy's backend: with
+    `vllm` a server is started in `work_dir` and lives until `close_judge`.
     """
     kind = cfg.kind
     if kind == "rules":
@@ -27,7 +29,8 @@ def build_judge(cfg, policy_path: str | None = None, precision=None) -> Judge:
     if kind == "composite":
         from judges.composite import CompositeJudge
 
-        return CompositeJudge([build_judge(c, policy_path, precision) for c in cfg.components], cfg.weights,
+        return CompositeJudge([build_judge(c, policy_path, precision, sampling, work_dir) for c in cfg.components],
+                              cfg.weights,
                               cfg.combine)
     from judges.cache import JudgmentCache, cache_key
     from judges.lm import LMJudge
@@ -48,7 +51,13 @@ def build_judge(cfg, policy_path: str | None = None, precision=None) -> Judge:
         model = policy_path if kind == "self" else resolve_policy(cfg.model)
         if kind == "hf" or precision is None:
             precision = resolve(getattr(cfg, "precision", "auto"))
-        backend, concurrency = LocalBackend(model, precision.inference_dtype, cfg.batch_size), 1
+        if kind == "self" and sampling is not None and sampling.backend != "transformers":
+            from judges.served import served_policy_backend
+
+            backend = served_policy_backend(sampling, model, precision.inference_dtype, cfg.concurrency, work_dir)
+            concurrency = cfg.concurrency
+        else:
+            backend, concurrency = LocalBackend(model, precision.inference_dtype, cfg.batch_size), 1
     else:
         raise ValueError(f"judge.kind: unknown judge {kind!r}")
     cache = None
@@ -57,4 +66,12 @@ def build_judge(cfg, policy_path: str | None = None, precision=None) -> Judge:
     return LMJudge(kind, backend, cfg, cache=cache, budget=budget, concurrency=concurrency)
 
 
-__all__ = ["Budget", "BudgetExhausted", "Judge", "build_judge"]
+def close_judge(judge) -> None:
+    """Stop what a judge started (the `self` judge's vLLM server); judges without any are left as they are."""
+    for part in getattr(judge, "components", [judge]):
+        backend = getattr(getattr(part, "judge", part), "backend", None)
+        if hasattr(backend, "close"):
+            backend.close()
+
+
+__all__ = ["Budget", "BudgetExhausted", "Judge", "build_judge", "close_judge"]

@@ -21,11 +21,7 @@ SCORE_PREFIXES = ("Score: ", "Score:")
 
 class LocalBackend:
     def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 16, seed: int = 0):
-        # A run directory can be deleted and made again at the same path: the weights' size and
-        # modification time keep a new model at an old path from being served old replies.
-        weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
-        self.identity = {"kind": "local", "model": model_path, "dtype": dtype,
-                         "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
+        self.identity = model_identity(model_path, "local", dtype)
         self.sampler = TransformersSampler(model_path, dtype=dtype, batch_size=batch_size)
         self.seed = seed
 
@@ -44,18 +40,7 @@ class LocalBackend:
                 for t, c in zip(texts, completions)]
 
     def _option_tokens(self, prefixes, options, required) -> tuple[str, dict[str, int]]:
-        """A reply prefix and, for each option, the one token that writes it after the prefix."""
-        tok = self.sampler.tokenizer
-        for prefix in prefixes:
-            base = tok.encode(prefix, add_special_tokens=False)
-            ids = {}
-            for v in options:
-                full = tok.encode(prefix + v, add_special_tokens=False)
-                if len(full) == len(base) + 1 and full[: len(base)] == base:
-                    ids[v] = full[-1]
-            if all(r in ids for r in required):
-                return prefix, ids
-        raise ValueError(f"judge.weighted: this tokenizer does not write each of {required} as one token")
+        return option_tokens(self.sampler.tokenizer, prefixes, options, required)
 
     def _next_token_probs(self, texts: list[str], prefix: str, ids: list[int]):
         """Per text: probabilities of `ids` as the next token after the prefilled reply, and tokens in."""
@@ -74,23 +59,53 @@ class LocalBackend:
     def _weighted(self, texts: list[str], low: int, high: int) -> list[Reply]:
         values = [str(v) for v in range(low, high + 1)]
         prefix, ids = self._option_tokens(SCORE_PREFIXES, values, values)
-        out = []
-        for pr, n_in in self._next_token_probs(texts, prefix, list(ids.values())):
-            mass = sum(pr)
-            e = sum(p * int(v) for p, v in zip(pr, ids)) / mass
-            out.append(Reply(text=f"{prefix}{e:.4f}\n(weighted over {low}..{high}; probability on the scale {mass:.3f})",
-                             tokens_in=n_in, tokens_out=1))
-        return out
+        return [weighted_score_reply(prefix, dict(zip(ids, pr)), n_in)
+                for pr, n_in in self._next_token_probs(texts, prefix, list(ids.values()))]
 
     def _weighted_choice(self, texts: list[str]) -> list[Reply]:
-        """Pairwise: P(a) against P(b) (a tie token, where it is one token, counts half) after 'Better: '."""
-        prefix, ids = self._option_tokens(("Better: ", "Better:"), ("a", "b", "tie"), ("a", "b"))
-        out = []
-        for pr, n_in in self._next_token_probs(texts, prefix, list(ids.values())):
-            p = dict(zip(ids, pr))
-            mass = sum(pr)
-            p_a = (p["a"] + 0.5 * p.get("tie", 0.0)) / mass
-            verdict = "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
-            out.append(Reply(text=f"{prefix}{verdict}\n(p_a={p_a:.6f}; probability on the options {mass:.3f})",
-                             tokens_in=n_in, tokens_out=1))
-        return out
+        prefix, ids = self._option_tokens(CHOICE_PREFIXES, CHOICES, ("a", "b"))
+        return [weighted_choice_reply(prefix, dict(zip(ids, pr)), n_in)
+                for pr, n_in in self._next_token_probs(texts, prefix, list(ids.values()))]
+
+
+CHOICE_PREFIXES, CHOICES = ("Better: ", "Better:"), ("a", "b", "tie")
+
+
+def model_identity(model_path: str, kind: str, dtype: str) -> dict:
+    # A run directory can be deleted and made again at the same path: the weights' size and
+    # modification time keep a new model at an old path from being served old replies.
+    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    return {"kind": kind, "model": model_path, "dtype": dtype,
+            "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
+
+
+def option_tokens(tok, prefixes, options, required) -> tuple[str, dict[str, int]]:
+    """A reply prefix and, for each option, the one token that writes it after the prefix."""
+    for prefix in prefixes:
+        base = tok.encode(prefix, add_special_tokens=False)
+        ids = {}
+        for v in options:
+            full = tok.encode(prefix + v, add_special_tokens=False)
+            if len(full) == len(base) + 1 and full[: len(base)] == base:
+                ids[v] = full[-1]
+        if all(r in ids for r in required):
+            return prefix, ids
+    raise ValueError(f"judge.weighted: this tokenizer does not write each of {required} as one token")
+
+
+def weighted_score_reply(prefix: str, probs: dict[str, float], n_in: int) -> Reply:
+    """The probability-weighted mean of the scale's values (`probs`: value -> next-token probability)."""
+    mass = sum(probs.values())
+    e = sum(p * int(v) for v, p in probs.items()) / mass
+    low, high = min(map(int, probs)), max(map(int, probs))
+    return Reply(text=f"{prefix}{e:.4f}\n(weighted over {low}..{high}; probability on the scale {mass:.3f})",
+                 tokens_in=n_in, tokens_out=1)
+
+
+def weighted_choice_reply(prefix: str, p: dict[str, float], n_in: int) -> Reply:
+    """Pairwise: P(a) against P(b) (a tie token, where it is one token, counts half)."""
+    mass = sum(p.values())
+    p_a = (p["a"] + 0.5 * p.get("tie", 0.0)) / mass
+    verdict = "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
+    return Reply(text=f"{prefix}{verdict}\n(p_a={p_a:.6f}; probability on the options {mass:.3f})",
+                 tokens_in=n_in, tokens_out=1)

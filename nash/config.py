@@ -80,7 +80,9 @@ class VLLMSection(Section):
     max_model_len: int | None = Field(None, ge=1, description="Context length; null: the model's.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Engine weights; auto: the run's policy.precision.")
-    enforce_eager: bool = Field(False, description="No CUDA graphs or compilation: faster start, slower decode.")
+    enforce_eager: bool | None = Field(
+        None, description="No CUDA graphs or compilation: faster start, slower decode. null: true without CUDA "
+        "(vLLM's CPU compilation takes minutes), false on a GPU.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Any other vllm.LLM argument, passed through unchanged.")
     env: dict[str, str] = Field(
@@ -177,6 +179,9 @@ class _LocalJudge(_LMJudge):
         "(no generated justification). False: generate the full reply and parse its score.",
     )
     batch_size: int = Field(16, ge=1)
+    concurrency: int = Field(
+        64, ge=1, description="self, with sampling.backend vllm or openai: requests in flight to the served "
+        "policy, which the engine batches.")
 
 
 class SelfJudge(_LocalJudge):

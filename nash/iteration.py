@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from judges import build_judge
+from judges import build_judge, close_judge
 from nash import evaluation, report
 from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
@@ -160,8 +160,12 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
             write_jsonl(it.judgments, [])
             return {"skipped": "pairs.rule spin needs no judge"}
         parts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
-        judge_ = build_judge(cfg.judge, it.manifest()["parent_policy"]["path"], it.precision())
-        judgments, info = judge_samples(judge_, parts, read_jsonl(it.samples, Sample), it.judgments, progress)
+        judge_ = build_judge(cfg.judge, it.manifest()["parent_policy"]["path"], it.precision(), cfg.sampling,
+                             it.path / "judge_server")
+        try:
+            judgments, info = judge_samples(judge_, parts, read_jsonl(it.samples, Sample), it.judgments, progress)
+        finally:
+            close_judge(judge_)
         counts = outcome_counts(judgments)
         it.update_manifest(judge_outcomes=counts, judge_stop=info)
         return {**counts, **info}
@@ -216,12 +220,16 @@ def train(iter_dir: str, progress: Progress | None = None) -> str:
     return _run_stage(it, "train", it.policy, work)
 
 
-def eval_judge(cfg, precision=None):
-    """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0."""
+def eval_judge(cfg, precision=None, work_dir=None):
+    """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0.
+
+    Close it with `close_judge`: with sampling.backend vllm the `self` annotator is a server.
+    """
     jcfg = cfg.eval.judge or cfg.judge
     if jcfg.kind in ("openai", "self", "hf"):
         jcfg = jcfg.model_copy(update={"protocol": "pairwise", "template": None, "weighted": cfg.eval.weighted})
-    return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model), precision=precision)
+    return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model), precision=precision,
+                       sampling=cfg.sampling, work_dir=work_dir)
 
 
 def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], progress=None,
@@ -247,8 +255,13 @@ def compare_iteration(it: IterationDir, against: str = "reference", progress=Non
     model = evaluation.answer(str(it.policy), prompts, cfg, it.eval_dir, f"iter_{it.index:03d}", progress,
                               precision)
     reference, generator = reference_outputs(run, cfg, against, prompts, progress, precision)
-    result = evaluation.compare(judge_ or eval_judge(cfg, precision), prompts, model, reference,
-                                it.eval_dir / f"vs_{against}" / "judgments.jsonl", cfg.eval.lc_glm, progress)
+    annotator = judge_ or eval_judge(cfg, precision, it.eval_dir / "judge_server")
+    try:
+        result = evaluation.compare(annotator, prompts, model, reference,
+                                    it.eval_dir / f"vs_{against}" / "judgments.jsonl", cfg.eval.lc_glm, progress)
+    finally:
+        if judge_ is None:
+            close_judge(annotator)
     return {"against": against, "generator": generator, **result}
 
 

@@ -177,6 +177,86 @@ class EngineFailed(RuntimeError):
     pass
 
 
+def vllm_engine_args(cfg, dtype: str, seed: int, gpu: bool) -> dict:
+    """LLM()'s keyword arguments (and `vllm serve`'s flags) from a `sampling.vllm` section."""
+    args = {"seed": seed, "dtype": dtype if cfg.dtype == "auto" else cfg.dtype,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization or (0.85 if gpu else 0.3),
+            "enforce_eager": (not gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+            "generation_config": "vllm"}  # not the model's generation_config.json (vllm#15241)
+    if not gpu:
+        # Per-prompt seeds: when a chunked prefill discards a seeded request's token, vLLM rewinds
+        # its generator, which CPU generators cannot do ("CPU Generator does not use offset").
+        args["enable_chunked_prefill"] = False
+    if cfg.max_model_len:
+        args["max_model_len"] = cfg.max_model_len
+    return {**args, **cfg.engine_args}
+
+
+def visible_gpus() -> list[str] | None:
+    """The CUDA devices this process may hand to engines, or None on a machine without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def vllm_python(cfg) -> str:
+    python = cfg.python or sys.executable
+    if os.sep in python and not Path(python).exists():
+        raise EngineFailed(f"sampling.vllm.python: {python} does not exist (install it with `make vllm`)")
+    return python
+
+
+def vllm_env(cfg, gpu: bool) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.env}
+    if not gpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return env
+
+
+WORKER = str(Path(__file__).with_name("vllm_worker.py"))
+
+
+def engine_failure(what: str, log: Path, rc: int | None, tail) -> str:
+    """One message for an engine that died: the config key most likely at fault, its status, its log's end."""
+    lines = [t for t in tail if t.strip()]
+    errors = [t for t in lines if re.search(r"\w(Error|Exception)\b.*:|error: ", t)]
+    if errors:  # the engine's own error first: shutdown messages follow it in the log
+        lines = [errors[-1]] + [t for t in lines if t != errors[-1]]
+    key = "sampling.vllm"
+    text = "\n".join(errors or lines)
+    if "No module named 'vllm'" in text:
+        key = "sampling.vllm.python"
+    elif any(s in text for s in ("does not appear to have", "not a valid model", "Repo id", "No such file",
+                                 "is not a local folder")):
+        key = "policy.model"
+    elif any(s in text for s in ("unexpected keyword argument", "got an unexpected", "unrecognized arguments")):
+        key = "sampling.vllm.engine_args"
+    elif "max_model_len" in text:
+        key = "sampling.vllm.max_model_len"
+    elif re.search(r"out of memory|OutOfMemory|memory for the cache|KV cache|insufficient memory", text, re.I):
+        key = "sampling.vllm.gpu_memory_utilization"
+    how = f"exited with status {rc}"
+    if rc == -signal.SIGKILL and not errors:
+        how += " (SIGKILL: the kernel's out-of-memory killer, or a person)"
+    return (f"{key}: the vLLM engine of {what} {how}; see {log}:\n  "
+            + "\n  ".join(lines[:1] + lines[-11:] if errors else lines[-12:]))
+
+
+def _pump(proc: subprocess.Popen, log, tail, on_progress=None) -> None:
+    """Copy an engine's output to its log, keeping the last lines; progress lines go to `on_progress`."""
+    for line in proc.stdout:
+        if on_progress and line.startswith(PROGRESS_TAG):
+            on_progress(int(line.split()[1]))
+            continue
+        log.write(line)
+        log.flush()
+        tail.append(line.rstrip())
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     # The whole group, even when the worker itself is gone: its engine-core child may still live.
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -202,28 +282,15 @@ class VLLMSampler(_Tokens):
         self.info: dict = {}
 
     def _devices(self) -> list[str] | None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        devices = visible_gpus()
         need = self.shards * self.cfg.tensor_parallel_size
-        if len(devices) < need:
+        if devices is not None and len(devices) < need:
             raise EngineFailed(f"sampling.data_parallel: {self.shards} engines x sampling.vllm.tensor_parallel_size "
                                f"{self.cfg.tensor_parallel_size} need {need} GPUs; {len(devices)} visible")
         return devices
 
     def engine_args(self, seed: int, gpu: bool) -> dict:
-        c = self.cfg
-        args = {"seed": seed, "dtype": self.dtype if c.dtype == "auto" else c.dtype,
-                "tensor_parallel_size": c.tensor_parallel_size,
-                "gpu_memory_utilization": c.gpu_memory_utilization or (0.85 if gpu else 0.3),
-                "enforce_eager": c.enforce_eager,
-                "generation_config": "vllm"}  # not the model's generation_config.json (vllm#15241)
-        if c.max_model_len:
-            args["max_model_len"] = c.max_model_len
-        return {**args, **c.engine_args}
+        return vllm_engine_args(self.cfg, self.dtype, seed, gpu)
 
     @staticmethod
     def sampling_args(params: SamplingParams) -> dict:
@@ -275,16 +342,12 @@ class VLLMSampler(_Tokens):
         return self.work_dir / f"shard-{k:02d}-of-{self.shards:02d}{suffix}"
 
     def _run(self, pending, devices, total, progress, show_progress):
-        python = self.cfg.python or sys.executable
-        if os.sep in python and not Path(python).exists():
-            raise EngineFailed(f"sampling.vllm.python: {python} does not exist (install it with `make vllm`)")
+        python = vllm_python(self.cfg)
         base = total - sum(n for _, _, n in pending)  # prompts of the shards reused
         bar = tqdm(total=total, initial=base, desc="sampling (vllm)", unit="prompt", leave=False,
                    disable=not show_progress)
         done_by: dict[int, int] = {}
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.cfg.env}
-        if devices is None:
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env = vllm_env(self.cfg, devices is not None)
 
         def report(k, n):
             done_by[k] = n
@@ -303,7 +366,6 @@ class VLLMSampler(_Tokens):
             bar.close()
 
     def _wave(self, wave, python, env, devices, report):
-        worker = str(Path(__file__).with_name("vllm_worker.py"))
         procs, lock = [], threading.Lock()
         try:
             for k, job_path, _ in wave:
@@ -312,21 +374,18 @@ class VLLMSampler(_Tokens):
                     tp = self.cfg.tensor_parallel_size
                     shard_env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[k * tp : (k + 1) * tp])
                 log = open(self._shard(k, ".log"), "a", encoding="utf-8")
-                proc = subprocess.Popen([python, worker, str(job_path)], stdout=subprocess.PIPE,
+                proc = subprocess.Popen([python, WORKER, str(job_path)], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=shard_env, start_new_session=True)
                 procs.append((k, proc, log, deque(maxlen=30)))
 
-            def pump(k, proc, log, tail):
-                for line in proc.stdout:
-                    if line.startswith(PROGRESS_TAG):
-                        with lock:
-                            report(k, int(line.split()[1]))
-                        continue
-                    log.write(line)
-                    log.flush()
-                    tail.append(line.rstrip())
+            def on_progress(k):
+                def f(n):
+                    with lock:
+                        report(k, n)
+                return f
 
-            threads = [threading.Thread(target=pump, args=p, daemon=True) for p in procs]
+            threads = [threading.Thread(target=_pump, args=(p, log, tail, on_progress(k)), daemon=True)
+                       for k, p, log, tail in procs]
             for t in threads:
                 t.start()
             deadline = time.monotonic() + self.cfg.start_timeout_s
@@ -340,33 +399,11 @@ class VLLMSampler(_Tokens):
                 t.join(timeout=5)
             for k, p, _, tail in procs:
                 if p.poll() not in (None, 0):
-                    raise EngineFailed(self._failure(k, p.returncode, tail))
+                    raise EngineFailed(engine_failure(f"shard {k}", self._shard(k, ".log"), p.returncode, tail))
         finally:
             for _, p, log, _ in procs:
                 _kill_group(p)
                 log.close()
-
-    def _failure(self, k: int, rc: int, tail) -> str:
-        lines = [t for t in tail if t.strip()]
-        errors = [t for t in lines if re.search(r"\w(Error|Exception)\b.*:", t)]
-        if errors:  # the engine's own error first: shutdown messages follow it in the log
-            lines = [errors[-1]] + [t for t in lines if t != errors[-1]]
-        key = "sampling.vllm"
-        text = "\n".join(errors or lines)
-        if "No module named 'vllm'" in text:
-            key = "sampling.vllm.python"
-        elif any(s in text for s in ("does not appear to have", "not a valid model", "Repo id", "No such file",
-                                     "is not a local folder")):
-            key = "policy.model"
-        elif "unexpected keyword argument" in text or "got an unexpected" in text:
-            key = "sampling.vllm.engine_args"
-        elif re.search(r"out of memory|OutOfMemory|memory for the cache|KV cache|insufficient memory", text, re.I):
-            key = "sampling.vllm.gpu_memory_utilization"
-        how = f"exited with status {rc}"
-        if rc == -signal.SIGKILL and not errors:
-            how += " (SIGKILL: the kernel's out-of-memory killer, or a person)"
-        return (f"{key}: the vLLM engine of shard {k} {how}; see {self._shard(k, '.log')}:\n  "
-                + "\n  ".join(lines[:1] + lines[-11:] if errors else lines[-12:]))
 
 
 def summarize_shards(figures: list[dict]) -> dict:
@@ -378,6 +415,79 @@ def summarize_shards(figures: list[dict]) -> dict:
             "sampling_params": first["sampling_params"], "shards": len(figures),
             "engine_start_seconds": max(f["engine_start_seconds"] for f in figures),
             "sequences": seqs, "tokens": toks, "generate_seconds": gen, **throughput(seqs, toks, gen)}
+
+
+class VLLMServer:
+    """vLLM's OpenAI-compatible server for one policy, on loopback, for as long as a stage needs it.
+
+    The self judge sends it many requests at once, so the engine batches them as it batches
+    samples. It runs as the worker in `--serve` mode in its own process group, which is killed
+    on close, failure or exit; it and its engine core die with this process.
+    """
+
+    NAME = "policy"  # the model name the server answers to
+
+    def __init__(self, model_path: str, cfg, dtype: str, work_dir: Path, seed: int = 0):
+        self.model_path, self.cfg, self.dtype, self.seed = model_path, cfg, dtype, seed
+        self.work_dir = Path(work_dir)
+        self.proc: subprocess.Popen | None = None
+        self.base_url = ""
+        self.info: dict = {}
+
+    def start(self) -> VLLMServer:
+        import socket
+        import urllib.request
+
+        python, devices = vllm_python(self.cfg), visible_gpus()
+        env = vllm_env(self.cfg, devices is not None)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[: self.cfg.tensor_parallel_size])
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        engine = vllm_engine_args(self.cfg, self.dtype, self.seed, devices is not None)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        job_path, log_path = self.work_dir / "server.job.json", self.work_dir / "server.log"
+        job_path.write_text(json.dumps({"model": self.model_path, "host": "127.0.0.1", "port": port,
+                                        "served_model_name": self.NAME, "engine": engine}))
+        self._log, tail = open(log_path, "a", encoding="utf-8"), deque(maxlen=30)
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen([python, WORKER, "--serve", str(job_path)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        self._pump = threading.Thread(target=_pump, args=(self.proc, self._log, tail), daemon=True)
+        self._pump.start()
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    self._pump.join(timeout=5)
+                    raise EngineFailed(engine_failure("the judge's server", log_path, self.proc.returncode, tail))
+                if time.monotonic() - t0 > self.cfg.start_timeout_s:
+                    raise EngineFailed(f"sampling.vllm.start_timeout_s: the judge's server did not answer within "
+                                       f"{self.cfg.start_timeout_s} s; see {log_path}")
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                time.sleep(0.5)
+        except BaseException:
+            self.close()
+            raise
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self.info = {"backend": "vllm-server", "engine_args": engine, "engine_start_seconds": round(time.monotonic() - t0, 2)}
+        return self
+
+    def close(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self._pump.join(timeout=5)
+            self._log.close()
+            self.proc = None
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class OpenAISampler(_Tokens):

@@ -1,4 +1,5 @@
-"""One vLLM sampling shard, in its own process: `python vllm_worker.py JOB.json`.
+"""One vLLM sampling shard, in its own process: `python vllm_worker.py JOB.json`; or, with
+`--serve JOB.json`, vLLM's OpenAI-compatible server for the policy (the self judge's backend).
 
 Standalone on purpose: it imports only the standard library and vLLM, so it runs under the
 interpreter of a separate environment (`sampling.vllm.python`) where nash is not installed.
@@ -92,5 +93,40 @@ def main(job_path: str) -> int:
     return 0
 
 
+def cli_args(engine: dict) -> list[str]:
+    """Engine arguments as `vllm serve` flags (the same names as LLM()'s keywords)."""
+    out = []
+    for key, value in engine.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        elif value is not None:
+            out += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return out
+
+
+def serve(job_path: str) -> int:
+    """vLLM's OpenAI-compatible server for the policy, on loopback, until the parent kills it.
+
+    Run from this file so that the engine core it starts imports this module, and dies with it.
+    """
+    job = json.loads(open(job_path, encoding="utf-8").read())
+    sys.argv = ["vllm-serve", "--model", job["model"], "--host", job["host"], "--port", str(job["port"]),
+                "--served-model-name", job["served_model_name"], *cli_args(job["engine"])]
+    try:
+        from vllm.entrypoints.launchers.api_server.entry import main as serve_main
+    except ImportError:  # vLLM before its launchers package
+        import runpy
+
+        runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__")
+        return 0
+    serve_main()
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        sys.exit(serve(sys.argv[2]))
     sys.exit(main(sys.argv[1]))

@@ -2,7 +2,9 @@
 
 `script` is a list of behaviours consumed one per request; when it is empty the default
 responder answers. Behaviours: ("ok", text), ("429", retry_after_s), ("500",),
-("slow", seconds, text), ("401",), ("garbled",) (a 200 whose body is cut off). Every request body and header is recorded.
+("slow", seconds, text), ("401",), ("garbled",) (a 200 whose body is cut off). With `next_token`
+set, requests for `top_logprobs` get one token and those alternatives. Every request body and
+header is recorded.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.requests.append({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()}, "t": time.monotonic()})
             behaviour = srv.script.pop(0) if srv.script else None
+        if behaviour is None and srv.next_token is not None and body.get("top_logprobs"):  # a prefilled reply: its next token only
+            user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+            top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in srv.next_token(user).items()]
+            choice = {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": top[0]["token"]},
+                      "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}
+            return self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
+                                    "model": body["model"], "choices": [choice],
+                                    "usage": {"prompt_tokens": srv.count_tokens(user), "completion_tokens": 1,
+                                              "total_tokens": srv.count_tokens(user) + 1}})
         prompt = body["messages"][-1]["content"]
         if behaviour is None:
             behaviour = ("ok", srv.responder(prompt))
@@ -116,6 +127,7 @@ class OpenAIServer:
         self.logprobs = True  # answer `logprobs: true` requests with token log-probabilities
         self.honour_n = True  # False: one choice whatever `n` asks, as some servers do
         self.verdict_confidence = 0.8
+        self.next_token = None  # user prompt -> {token: probability}: the reply to `top_logprobs` requests
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _Handler)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nash.config import VLLMSection
+from nash.records import Prompt
 from nash.sampling import EngineFailed, SamplingParams, VLLMSampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,11 +57,17 @@ def engine_processes() -> list[str]:
     return [line for line in out.splitlines() if "vllm_worker.py" in line or "EngineCore" in line]
 
 
+# Per shard, more prompt tokens than one engine step takes: the engine would split a prefill across steps
+# (on the CPU build that broke per-prompt seeds: "CPU Generator does not use offset").
+LONG = [f"Summarize: {'the quick brown fox jumps over the lazy dog. ' * 30}({i})" for i in range(28)]
+
+
 def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=7)
     s = make(vllm_model_dir, tmp_path, shards=2)
-    out = s.generate(PROMPTS, params, show_progress=False)
-    assert [len(cs) for cs in out] == [3] * len(PROMPTS)
+    prompts = PROMPTS + LONG
+    out = s.generate(prompts, params, show_progress=False)
+    assert [len(cs) for cs in out] == [3] * len(prompts)
     assert all(len({c.text for c in cs}) == 3 for cs in out), "K samples of a prompt must differ"
     assert all(1 <= c.num_tokens <= 12 for cs in out for c in cs)
     shards = sorted(tmp_path.glob("shard-*-of-02.jsonl"))
@@ -68,12 +75,14 @@ def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
     # the engine applied the policy's chat template: prompt lengths match transformers' rendering
     rows = [json.loads(line) for p in shards for line in p.read_text().splitlines()]
     for row in rows:
-        chat = s.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[row["index"]]}],
+        chat = s.tokenizer.apply_chat_template([{"role": "user", "content": prompts[row["index"]]}],
                                                add_generation_prompt=True, tokenize=False)
         ids = s.tokenizer(chat, add_special_tokens=False)["input_ids"]
         assert row["prompt_tokens"] == len(ids)
     info = s.info
-    assert info["shards"] == 2 and info["sequences"] == 12 and info["tokens_per_second"] > 0
+    assert info["shards"] == 2 and info["sequences"] == 3 * len(prompts) and info["tokens_per_second"] > 0
+    for shard in shards:  # each engine had more prompt tokens than a step takes
+        assert sum(json.loads(line)["prompt_tokens"] for line in shard.read_text().splitlines()) > 4096
     assert info["engine_args"]["generation_config"] == "vllm" and info["sampling_params"]["n"] == 3
     assert info["vllm_version"] and info["engine_start_seconds"] > 0
     assert not engine_processes()
@@ -81,7 +90,7 @@ def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
     # A shard that did not finish (no marker) is redone, alone, and the engine seed gives the same samples.
     (tmp_path / "shard-01-of-02.jsonl.done").unlink()
     log0 = (tmp_path / "shard-00-of-02.log").read_text()
-    again = make(vllm_model_dir, tmp_path, shards=2).generate(PROMPTS, params, show_progress=False)
+    again = make(vllm_model_dir, tmp_path, shards=2).generate(prompts, params, show_progress=False)
     assert [[c.text for c in cs] for cs in again] == [[c.text for c in cs] for cs in out]
     assert (tmp_path / "shard-00-of-02.log").read_text() == log0  # shard 0's engine did not start again
     assert (tmp_path / "shard-01-of-02.jsonl.done").is_file()
@@ -90,7 +99,7 @@ def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
     (tmp_path / "shard-00-of-02.jsonl.done").touch()
     other = VLLMSampler(vllm_model_dir, VLLMSection(python="/bin/false"), 2, "bfloat16", tmp_path)
     with pytest.raises(EngineFailed, match="shard 0 exited with status 1"):
-        other.generate(PROMPTS, SamplingParams(n=2, temperature=0.5, max_new_tokens=12, seed=7), show_progress=False)
+        other.generate(prompts, SamplingParams(n=2, temperature=0.5, max_new_tokens=12, seed=7), show_progress=False)
     assert json.loads((tmp_path / "shard-00-of-02.job.json").read_text())["sampling"]["n"] == 2
     assert not (tmp_path / "shard-00-of-02.jsonl.done").exists()
 
@@ -165,3 +174,64 @@ def test_missing_interpreter_names_the_key(vllm_model_dir, tmp_path):
     cfg = VLLMSection(python=str(tmp_path / "nowhere" / "python"))
     with pytest.raises(EngineFailed, match=r"sampling\.vllm\.python: .* does not exist"):
         VLLMSampler(vllm_model_dir, cfg, 1, "float32", tmp_path).generate(["Hi."], SamplingParams(), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def scoring_model_dir(tmp_path_factory):
+    """A tiny Llama whose next token is nearly always a digit, drawn by a distribution that depends
+    on the last tokens: a judge's weighted score is well defined, and differs when the prompt does."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from nash.policy import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    with torch.no_grad():
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb.normal_(0, 1)
+        emb[:, 0] = 8.0  # one direction every hidden state shares...
+        head.normal_(0, 0.3)
+        head[:, 0] = 0.0
+        head[digits, 0] = 3.0  # ...lifts the digits above every other token
+    out = tmp_path_factory.mktemp("scoring-policy")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_self_judge_through_vllm_scores_as_transformers_does(scoring_model_dir, tmp_path, monkeypatch):
+    """judge.kind self with sampling.backend vllm: a vLLM server serves the policy for the stage and
+    its weighted scores equal those of the transformers backend; nothing lives on after close."""
+    from judges import build_judge, close_judge
+    from nash.config import load_config
+    from nash.precision import resolve
+
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path))
+    prompt = Prompt(id="p", text="Name a color.")
+    candidates = ["Blue.", "Red, like a fire truck.", "I cannot answer that.", "Green"]
+    fp32 = resolve("fp32")
+    scores = {}
+    for backend in ("transformers", "vllm"):
+        cfg = load_config(None, ["judge.kind=self", f"sampling.backend={backend}", f"sampling.vllm.python={PYTHON}",
+                                 "sampling.vllm.enforce_eager=true", "sampling.vllm.max_model_len=1024"])
+        judge = build_judge(cfg.judge, scoring_model_dir, fp32, cfg.sampling, tmp_path / backend)
+        try:
+            scores[backend] = judge.score(prompt, candidates)
+            if backend == "vllm":
+                assert engine_processes(), "the server lives for the whole stage"
+        finally:
+            close_judge(judge)
+    assert not engine_processes(), engine_processes()
+    local, served = ([j.score for j in scores[b]] for b in ("transformers", "vllm"))
+    assert all(j.outcome == "scored" for b in scores for j in scores[b])
+    assert len(set(round(s, 2) for s in local)) > 1, "the candidates should score differently"
+    assert served == pytest.approx(local, abs=2e-3)
+    assert (tmp_path / "vllm" / "server.log").is_file()

@@ -1,0 +1,94 @@
+"""The policy judges itself through an OpenAI-compatible server: the `self` judge when
+`sampling.backend` is `vllm` (a vLLM server started for the stage) or `openai` (the server at
+`sampling.server`).
+
+Weighted verdicts prefill the reply ("Score: ", "Better: ") with vLLM's
+`continue_final_message` and read the next token's `top_logprobs`: the same expected score as
+the local backend, over the scale's tokens among the server's top 20. Requests run
+`judge.concurrency` at a time, so the engine batches them.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+from judges.local import (
+    CHOICE_PREFIXES,
+    CHOICES,
+    SCORE_PREFIXES,
+    model_identity,
+    option_tokens,
+    weighted_choice_reply,
+    weighted_score_reply,
+)
+from judges.openai_judge import OpenAIBackend, RequestFailed, read_api_key, scrub
+
+TOP_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's limit
+
+
+class ServedPolicyBackend(OpenAIBackend):
+    def __init__(self, model_path: str, base_url: str, model: str, api_key: str, concurrency: int,
+                 timeout_s: float = 600.0, max_retries: int = 3, server=None, dtype: str = "auto"):
+        from transformers import AutoTokenizer
+
+        cfg = SimpleNamespace(model=model, base_url=base_url, timeout_s=timeout_s, max_retries=max_retries,
+                              concurrency=concurrency)
+        super().__init__(cfg, api_key)
+        self.identity = model_identity(model_path, "served", dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.server = server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def complete(self, requests, temperature, max_tokens, weighted=None):
+        if weighted is None:
+            return super().complete(requests, temperature, max_tokens)
+        if weighted == "pairwise":
+            prefix, ids = option_tokens(self.tokenizer, CHOICE_PREFIXES, CHOICES, ("a", "b"))
+            options, reply = list(ids), weighted_choice_reply
+        else:
+            values = [str(v) for v in range(weighted[0], weighted[1] + 1)]
+            prefix, _ = option_tokens(self.tokenizer, SCORE_PREFIXES, values, values)
+            options, reply = values, weighted_score_reply
+        with ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
+            return list(pool.map(lambda m: self._weighted(m, prefix, options, reply), requests))
+
+    def _weighted(self, messages, prefix, options, reply):
+        with self._in_flight:
+            try:
+                resp = self.client.chat.completions.create(
+                    model=self.model, messages=[*messages, {"role": "assistant", "content": prefix}],
+                    max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=TOP_LOGPROBS,
+                    extra_body={"continue_final_message": True, "add_generation_prompt": False})
+                top = resp.choices[0].logprobs.content[0].top_logprobs
+            except Exception as e:  # after the client's retries: a failed judgment, with its reason
+                return RequestFailed(f"{type(e).__name__}: {scrub(str(e), self._key)}")
+        probs = {o: 0.0 for o in options}
+        for alt in top:
+            if alt.token in probs:
+                probs[alt.token] += math.exp(alt.logprob)
+        if sum(probs.values()) == 0:
+            return RequestFailed(f"none of {options} among the top {TOP_LOGPROBS} next tokens after {prefix!r}")
+        return reply(prefix, probs, resp.usage.prompt_tokens if resp.usage else 0)
+
+
+def served_policy_backend(sampling, model_path: str, dtype: str, concurrency: int, work_dir) -> ServedPolicyBackend:
+    """The self judge's backend for `sampling.backend` vllm (a server started now) or openai."""
+    if sampling.backend == "openai":
+        s = sampling.server
+        return ServedPolicyBackend(model_path, s.base_url, s.model.replace("{policy}", model_path),
+                                   read_api_key(s, "sampling.server"), concurrency, s.timeout_s, s.max_retries,
+                                   dtype=dtype)
+    from nash.sampling import VLLMServer
+
+    server = VLLMServer(model_path, sampling.vllm, dtype, work_dir).start()
+    try:
+        return ServedPolicyBackend(model_path, server.base_url, VLLMServer.NAME, "EMPTY", concurrency,
+                                   server=server, dtype=dtype)
+    except BaseException:
+        server.close()
+        raise
