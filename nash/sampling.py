@@ -227,7 +227,7 @@ def engine_failure(what: str, log: Path, rc: int | None, tail) -> str:
     if errors:  # the engine's own error first: shutdown messages follow it in the log
         lines = [errors[-1]] + [t for t in lines if t != errors[-1]]
     key = "sampling.vllm"
-    text = "\n".join(errors or lines)
+    text = "\n".join(lines) if errors else ""  # a killed engine's log names no culprit
     if "No module named 'vllm'" in text:
         key = "sampling.vllm.python"
     elif any(s in text for s in ("does not appear to have", "not a valid model", "Repo id", "No such file",
