@@ -80,12 +80,17 @@ def model_identity(model_path: str, kind: str, dtype: str) -> dict:
 
 
 def option_tokens(tok, prefixes, options, required) -> tuple[str, dict[str, int]]:
-    """A reply prefix and, for each option, the one token that writes it after the prefix."""
+    """A reply prefix and, for each option, the one token that writes it after the prefix.
+
+    A prefix without a trailing space is followed by the option's spaced token ("Better:" then
+    " a"), as a model writes it: "Better:a" would read a token the model hardly ever writes there.
+    """
     for prefix in prefixes:
         base = tok.encode(prefix, add_special_tokens=False)
+        sep = "" if prefix.endswith(" ") else " "
         ids = {}
         for v in options:
-            full = tok.encode(prefix + v, add_special_tokens=False)
+            full = tok.encode(prefix + sep + v, add_special_tokens=False)
             if len(full) == len(base) + 1 and full[: len(base)] == base:
                 ids[v] = full[-1]
         if all(r in ids for r in required):

@@ -49,15 +49,17 @@ class ServedPolicyBackend(OpenAIBackend):
             return super().complete(requests, temperature, max_tokens)
         if weighted == "pairwise":
             prefix, ids = option_tokens(self.tokenizer, CHOICE_PREFIXES, CHOICES, ("a", "b"))
-            options, reply = list(ids), weighted_choice_reply
+            reply = weighted_choice_reply
         else:
             values = [str(v) for v in range(weighted[0], weighted[1] + 1)]
-            prefix, _ = option_tokens(self.tokenizer, SCORE_PREFIXES, values, values)
-            options, reply = values, weighted_score_reply
+            prefix, ids = option_tokens(self.tokenizer, SCORE_PREFIXES, values, values)
+            reply = weighted_score_reply
+        # The server names tokens by their text: after "Better:" option a is the token " a".
+        options = {self.tokenizer.decode([i]): v for v, i in ids.items()}
         with ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
             return list(pool.map(lambda m: self._weighted(m, prefix, options, reply), requests))
 
-    def _weighted(self, messages, prefix, options, reply):
+    def _weighted(self, messages, prefix, options: dict[str, str], reply):
         with self._in_flight:
             try:
                 resp = self.client.chat.completions.create(
@@ -67,12 +69,12 @@ class ServedPolicyBackend(OpenAIBackend):
                 top = resp.choices[0].logprobs.content[0].top_logprobs
             except Exception as e:  # after the client's retries: a failed judgment, with its reason
                 return RequestFailed(f"{type(e).__name__}: {scrub(str(e), self._key)}")
-        probs = {o: 0.0 for o in options}
+        probs = {v: 0.0 for v in options.values()}
         for alt in top:
-            if alt.token in probs:
-                probs[alt.token] += math.exp(alt.logprob)
+            if alt.token in options:
+                probs[options[alt.token]] += math.exp(alt.logprob)
         if sum(probs.values()) == 0:
-            return RequestFailed(f"none of {options} among the top {TOP_LOGPROBS} next tokens after {prefix!r}")
+            return RequestFailed(f"none of {list(options)} among the top {TOP_LOGPROBS} next tokens after {prefix!r}")
         return reply(prefix, probs, resp.usage.prompt_tokens if resp.usage else 0)
 
 

@@ -45,14 +45,24 @@ def test_weighted_self_judgment_reads_the_served_policys_next_token(tiny_model_d
 
 
 def test_weighted_pairwise_annotation_on_a_served_policy(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from judges.local import CHOICE_PREFIXES, CHOICES
+
     monkeypatch.setenv("NASH_CACHE", str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prefix, ids = option_tokens(tok, CHOICE_PREFIXES, CHOICES, ("a", "b"))
+    a, b = tok.decode([ids["a"]]), tok.decode([ids["b"]])  # the tokens as the server names them
+    assert (prefix, a) == ("Better:", " a")  # this tokenizer writes " a" after "Better:"
     with OpenAIServer() as srv:
-        # "brief" is preferred with probability 0.8 in whichever position it stands
-        srv.next_token = lambda p: {"a": 0.8, "b": 0.2} if "[Output (a)]\nbrief" in p else {"a": 0.2, "b": 0.8}
+        # "brief" is preferred with probability 0.8 in whichever position it stands; the bare
+        # letters are other tokens, and must not count
+        srv.next_token = lambda p: ({a: 0.7, b: 0.175, "b": 0.125} if "[Output (a)]\nbrief" in p
+                                    else {a: 0.175, b: 0.7, "a": 0.125})
         cfg = served_cfg(srv.url, "judge.protocol=pairwise")
         judge = build_judge(cfg.judge, tiny_model_dir, sampling=cfg.sampling)
         first = judge.compare(Prompt(id="p", text="Say hi."), "brief", "long answer")
         second = judge.compare(Prompt(id="p", text="Say hi."), "long answer", "brief")
     assert first.winner == 0 and first.details["p_a"] == pytest.approx(0.8)
     assert second.winner == 1 and second.details["p_a"] == pytest.approx(0.2)
-    assert all(r["body"]["messages"][-1]["content"].startswith("Better:") for r in srv.requests)
+    assert all(r["body"]["messages"][-1]["content"] == prefix for r in srv.requests)

@@ -225,32 +225,52 @@ def scoring_model_dir(tmp_path_factory):
     return str(out)
 
 
-def test_self_judge_through_vllm_scores_as_transformers_does(scoring_model_dir, tmp_path, monkeypatch):
-    """judge.kind self with sampling.backend vllm: a vLLM server serves the policy for the stage and
-    its weighted scores equal those of the transformers backend; nothing lives on after close."""
-    from judges import build_judge, close_judge
+def test_self_rewarding_iteration_on_vllm_end_to_end(scoring_model_dir, tiny_prompts, tmp_path, monkeypatch):
+    """One iteration with sampling.backend vllm and judge.kind self, LoRA training: the samples, the
+    self-judging (a vLLM server for the stage) and the held-out answers of π_1 (the merged policy
+    that training wrote) and of π_0 all come from vLLM; the served weighted scores equal the
+    transformers backend's on the same candidates; nothing of vLLM lives on."""
+    from judges import build_judge
+    from nash import iteration
     from nash.config import load_config
     from nash.precision import resolve
+    from nash.records import Judgment, Pair, Sample, read_jsonl
+    from nash.registry import RunDir
 
-    monkeypatch.setenv("NASH_CACHE", str(tmp_path))
-    prompt = Prompt(id="p", text="Name a color.")
-    candidates = ["Blue.", "Red, like a fire truck.", "I cannot answer that.", "Green"]
-    fp32 = resolve("fp32")
-    scores = {}
-    for backend in ("transformers", "vllm"):
-        cfg = load_config(None, ["judge.kind=self", f"sampling.backend={backend}", f"sampling.vllm.python={PYTHON}",
-                                 "sampling.vllm.enforce_eager=true", "sampling.vllm.max_model_len=1024"])
-        cfg.sampling.vllm.env.update(MARK_ENV)
-        judge = build_judge(cfg.judge, scoring_model_dir, fp32, cfg.sampling, tmp_path / backend)
-        try:
-            scores[backend] = judge.score(prompt, candidates)
-            if backend == "vllm":
-                assert engine_processes(), "the server lives for the whole stage"
-        finally:
-            close_judge(judge)
-    assert not engine_processes(), engine_processes()
-    local, served = ([j.score for j in scores[b]] for b in ("transformers", "vllm"))
-    assert all(j.outcome == "scored" for b in scores for j in scores[b])
-    assert all("probability on the scale 1.000" in j.raw for b in scores for j in scores[b])
-    assert served == pytest.approx(local, abs=2e-3)  # the same prompt, to the token
-    assert (tmp_path / "vllm" / "server.log").is_file()
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, [
+        f"policy.model={scoring_model_dir}", "policy.precision=fp32", f"prompts.source={tiny_prompts}",
+        "prompts.partition_size=4", "sampling.n=3", "sampling.max_new_tokens=8", "sampling.backend=vllm",
+        f"sampling.vllm.python={PYTHON}", "sampling.vllm.max_model_len=1024",
+        "judge.kind=self", "pairs.rule=max_min", "pairs.min_chosen_score=0", "pairs.min_margin=1e-6",
+        "train.lora={r: 4, alpha: 8, dropout: 0.0}", "train.batch_size=2", "train.max_length=96",
+        "eval.num_prompts=3", "eval.max_new_tokens=8", "eval.judge={kind: rules}", "run.name=vllm"])
+    cfg.sampling.vllm.env.update(MARK_ENV)
+    run = RunDir.create(tmp_path / "runs", cfg)
+    iteration.run_iteration(str(run.path))
+    it = run.iterations()[0]
+    m = it.manifest()
+    assert it.complete and not engine_processes(), engine_processes()
+    assert m["sampling"]["backend"] == "vllm" and m["stages"]["sample"]["tokens_per_second"] > 0
+    # Self-judging went through the stage's vLLM server: every candidate scored, from the served policy.
+    judgments = read_jsonl(it.judgments, Judgment)
+    assert len(judgments) == 12 and all(j.outcome == "scored" for j in judgments)
+    assert "Uvicorn running" in (it.path / "judge_server" / "server.log").read_text() or \
+        "Application startup complete" in (it.path / "judge_server" / "server.log").read_text()
+    assert read_jsonl(it.pairs, Pair)
+    # ...and gave the transformers backend's scores on the same candidates.
+    local = build_judge(cfg.judge.model_copy(update={"cache": False}), scoring_model_dir, resolve("fp32"))
+    prompts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
+    samples = read_jsonl(it.samples, Sample)
+    for pid in prompts:
+        group = sorted((s for s in samples if s.prompt_id == pid), key=lambda s: s.candidate)
+        served = sorted((j for j in judgments if j.prompt_id == pid), key=lambda j: j.candidate)
+        assert [j.score for j in local.score(prompts[pid], [s.response for s in group])] == \
+            pytest.approx([j.score for j in served], abs=2e-3)
+    # π_1 was trained with LoRA and merged; vLLM read that plain policy for the held-out answers.
+    assert (it.policy / "model.safetensors").is_file() and not (it.policy / "adapter_config.json").exists()
+    jobs = [json.loads(p.read_text()) for p in (it.eval_dir / "sampling").glob("shard-*.job.json")]
+    assert [j["model"] for j in jobs] == [str(it.policy)]
+    base_jobs = [json.loads(p.read_text()) for p in (run.baseline_dir / "eval" / "sampling").glob("shard-*.job.json")]
+    assert [j["model"] for j in base_jobs] == [scoring_model_dir]
+    assert len(read_jsonl(it.eval_dir / "samples.jsonl", Sample)) == 3
