@@ -45,7 +45,7 @@ demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 ui: $(STAMP)

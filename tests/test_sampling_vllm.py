@@ -26,8 +26,7 @@ if not Path(PYTHON).exists():
 PROMPTS = ["Say hi.", "Count to three.", "Name a color.", "Write one word."]
 
 
-@pytest.fixture(scope="module")
-def vllm_model_dir(tmp_path_factory):
+def tiny_llama(out, seed: int, adjust=None, **config) -> str:
     """A tiny random Llama with SmolLM2's tokenizer; head size 64, which the CPU attention supports."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -36,21 +35,30 @@ def vllm_model_dir(tmp_path_factory):
 
     gguf = embedded_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("vllm-policy")
-    LlamaForCausalLM(config).save_pretrained(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{"vocab_size": len(tok), "hidden_size": 128, "intermediate_size": 256,
+                            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                            "max_position_embeddings": 512, "bos_token_id": tok.bos_token_id,
+                            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                            "tie_word_embeddings": True, **config})
+    model = LlamaForCausalLM(config)
+    if adjust:
+        with torch.no_grad():
+            adjust(model, tok)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("vllm-policy"), seed=0)
 
 
 # Every engine these tests start carries this mark in its environment, and so do its children:
 # what they look for is theirs, whatever else runs vLLM on the machine.
 MARK = f"NASH_TEST_MARK=vllm-tests-{os.getpid()}"
-MARK_ENV = dict([MARK.split("=", 1)])
+MARK_ENV = {**dict([MARK.split("=", 1)]), "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: tiny models
 
 
 def make(model, work, shards=1, **kw):
@@ -121,6 +129,7 @@ def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
     assert not (tmp_path / "shard-00-of-02.jsonl.done").exists()
 
 
+@pytest.mark.slow  # test_killed_stage_takes_its_engine_with_it checks the orphans in the fast selection
 def test_killed_engine_fails_the_stage_and_leaves_nothing_running(vllm_model_dir, tmp_path):
     s = make(vllm_model_dir, tmp_path)
 
@@ -198,33 +207,21 @@ def scoring_model_dir(tmp_path_factory):
     """A tiny Llama whose next token is one of the digits 0..5, by a distribution that the last token
     sets: a prefilled reply rendered even slightly differently ("Score: " followed by a newline)
     moves the weighted score by 0.03 or more, "Score:" by 3."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from nash.policy import embedded_gguf_path
-
-    gguf = embedded_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(6)]
-    with torch.no_grad():
+    def digits_first(model, tok):
+        digits = [tok.convert_tokens_to_ids(str(d)) for d in range(6)]
         emb, head = model.model.embed_tokens.weight, model.lm_head.weight
         emb.normal_(0, 1)
         emb[:, 0] = 8.0  # one direction every hidden state shares...
         head.normal_(0, 0.3)
         head[:, 0] = 0.0
         head[digits, 0] = 3.0  # ...lifts the digits above every other token
-    out = tmp_path_factory.mktemp("scoring-policy")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+
+    return tiny_llama(tmp_path_factory.mktemp("scoring-policy"), seed=1, adjust=digits_first,
+                      max_position_embeddings=1024, tie_word_embeddings=False)
 
 
+@pytest.mark.slow  # four engine starts: 2.5 to 6 minutes here
 def test_self_rewarding_iteration_on_vllm_end_to_end(scoring_model_dir, tiny_prompts, tmp_path, monkeypatch):
     """One iteration with sampling.backend vllm and judge.kind self, LoRA training: the samples, the
     self-judging (a vLLM server for the stage) and the held-out answers of π_1 (the merged policy
@@ -274,3 +271,32 @@ def test_self_rewarding_iteration_on_vllm_end_to_end(scoring_model_dir, tiny_pro
     base_jobs = [json.loads(p.read_text()) for p in (run.baseline_dir / "eval" / "sampling").glob("shard-*.job.json")]
     assert [j["model"] for j in base_jobs] == [scoring_model_dir]
     assert len(read_jsonl(it.eval_dir / "samples.jsonl", Sample)) == 3
+
+
+def test_evaluation_answers_come_from_vllm_and_match_transformers(scoring_model_dir, tmp_path):
+    """The evaluation's greedy answers through the vllm backend: the engine reads the policy, the
+    answers are kept and reused, and equal transformers' greedy answers on a model whose argmax
+    is never a near tie (float32 in both)."""
+    from nash import evaluation
+    from nash.config import load_config
+    from nash.precision import resolve
+    from nash.sampling import TransformersSampler
+
+    prompts = [Prompt(id=f"p{i}", text=f"Describe thing {i} briefly.") for i in range(5)]
+    cfg = load_config(None, ["sampling.backend=vllm", f"sampling.vllm.python={PYTHON}", "eval.max_new_tokens=10",
+                             "sampling.vllm.max_model_len=1024"])
+    cfg.sampling.vllm.env.update(MARK_ENV)
+    answers = evaluation.answer(scoring_model_dir, prompts, cfg, tmp_path / "eval", "iter_000",
+                                precision=resolve("fp32"))
+    assert not engine_processes(), engine_processes()
+    job = json.loads((tmp_path / "eval" / "sampling" / "shard-00-of-01.job.json").read_text())
+    assert job["model"] == scoring_model_dir and job["sampling"]["temperature"] == 0 and job["sampling"]["n"] == 1
+    hf = TransformersSampler(scoring_model_dir, dtype="float32").generate(
+        [p.text for p in prompts], SamplingParams(n=1, temperature=0.0, max_new_tokens=10), show_progress=False)
+    assert [a.response for a in answers] == [c[0].text for c in hf]
+    assert all(a.response and a.num_tokens == 10 for a in answers)  # digits all the way: no early stop
+    # Kept: asking again reads the file and starts no engine.
+    (tmp_path / "eval" / "sampling" / "shard-00-of-01.log").unlink()
+    again = evaluation.answer(scoring_model_dir, prompts, cfg, tmp_path / "eval", "iter_000", precision=resolve("fp32"))
+    assert [a.response for a in again] == [a.response for a in answers]
+    assert not (tmp_path / "eval" / "sampling" / "shard-00-of-01.log").exists()
