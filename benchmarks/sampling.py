@@ -94,6 +94,7 @@ def child(args) -> None:
     del sampler
     gc.collect()
     if args.greedy:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
         Path(args.work, "answers.json").write_text(json.dumps([cs[0].text for cs in out]))
     print(json.dumps({"event": "done", "info": info}), flush=True)
     sys.stdin.readline()  # the parent has measured what the stage left behind
@@ -157,7 +158,7 @@ def run_backend(backend: str, args, greedy: bool, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=64, help="training prompts sampled; 0: only the agreement")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--precision", default="auto", help="policy.precision: auto, bf16, fp16 or fp32")
@@ -180,7 +181,7 @@ def main() -> None:
               "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "backends": {}}
     backends = args.backends.split(",")
     root = Path(tempfile.mkdtemp(prefix="nash-sampling-bench-"))
-    for backend in backends:
+    for backend in backends if args.prompts else []:  # --prompts 0: the agreement alone
         print(f"{backend}: sampling {args.prompts} prompts x {args.n}", file=sys.stderr)
         result["backends"][backend] = run_backend(backend, args, False, root / backend)
         print(json.dumps(result["backends"][backend]), file=sys.stderr)
@@ -190,7 +191,7 @@ def main() -> None:
             print(f"{backend}: {args.agreement} held-out prompts at temperature 0", file=sys.stderr)
             fig = run_backend(backend, args, True, root / f"{backend}-greedy")
             answers[backend] = json.loads((root / f"{backend}-greedy" / "answers.json").read_text())
-            result["backends"][backend]["greedy"] = fig
+            result["backends"].setdefault(backend, {})["greedy"] = fig
         a, b = answers[backends[0]], answers[backends[1]]
         same = sum(x == y for x, y in zip(a, b))
         head = sum(x.split()[:20] == y.split()[:20] for x, y in zip(a, b))
