@@ -167,7 +167,8 @@ VLLMSampler(model, cfg, 1, "bfloat16", Path(work)).generate(["Say hi."] * 64, Sa
 
 
 def test_killed_stage_takes_its_engine_with_it(vllm_model_dir, tmp_path):
-    """kill -9 of the process running the stage: no worker and no engine core may live on."""
+    """kill -9 of the process running the stage: no worker and no engine core may live on, and
+    running the stage again samples what the killed one left unfinished."""
     stage = subprocess.Popen([sys.executable, "-c", STAGE, vllm_model_dir, str(tmp_path), PYTHON, MARK],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -185,6 +186,12 @@ def test_killed_stage_takes_its_engine_with_it(vllm_model_dir, tmp_path):
         stage.kill()
         for line in engine_processes():
             os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert not (tmp_path / "shard-00-of-01.jsonl.done").exists()
+    cfg = VLLMSection(python=PYTHON, enforce_eager=True, max_model_len=512, env=MARK_ENV)
+    out = VLLMSampler(vllm_model_dir, cfg, 1, "bfloat16", tmp_path).generate(
+        ["Say hi."] * 64, SamplingParams(n=4, max_new_tokens=64), show_progress=False)
+    assert len(out) == 64 and all(len(cs) == 4 for cs in out)
+    assert (tmp_path / "shard-00-of-01.jsonl.done").is_file() and not engine_processes()
 
 
 def test_bad_model_path_names_the_key_and_the_log(tmp_path):
