@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nash.config import PAIRED_LOSSES
+from nash.lm_head import cpu_scored_heads
 from nash.precision import Precision, resolve
 from nash.records import Pair
 from nash.sampling import Progress
@@ -107,12 +108,14 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
             losses, weights = losses + ["sft"], [1.0, cfg.nll_alpha]
         args = DPOConfig(**common, loss_type=losses, loss_weights=weights, label_smoothing=cfg.label_smoothing,
                          ld_alpha=length_guard.alpha if downweight else None, precompute_ref_log_probs=True)
-        return DPOTrainer(ref_model=ref_model, args=args, **kwargs)
+        with cpu_scored_heads():
+            return DPOTrainer(ref_model=ref_model, args=args, **kwargs)
     if cfg.loss == "kto":
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(**common, precompute_ref_log_probs=True)
-        return KTOTrainer(ref_model=ref_model, args=args, **kwargs)
+        with cpu_scored_heads():
+            return KTOTrainer(ref_model=ref_model, args=args, **kwargs)
     if cfg.loss == "cpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
