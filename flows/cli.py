@@ -3,8 +3,10 @@
     nash run CONFIG [--iterations N] [--runs-dir DIR] [--set dotted.key=value ...]
     nash status [RUN] [--runs-dir DIR]
     nash eval RUN [--iteration N] [--against reference|iter_M] [--runs-dir DIR]
-    nash serve CONFIG --cron "0 2 * * *" [--iterations N] [--runs-dir DIR] [--set ...]
+    nash serve CONFIG (--cron "0 2 * * *" | --interval SECONDS) [--iterations N] [--runs-dir DIR] [--set ...]
     nash samples RUN [--iteration N] [-n 6] [--runs-dir DIR]
+    nash rollback RUN --to N [--runs-dir DIR]
+    nash rejudge RUN [--iteration N] [--runs-dir DIR]
 
 User mistakes (bad config, missing files) print one `nash: error:` line and exit 2.
 """
@@ -26,6 +28,7 @@ from nash.prompts import PromptError
 from nash.records import RecordError
 from nash.registry import RunDir, iteration_row
 from nash.report import format_table
+from nash.runlock import RunLocked, run_lock
 
 # The temporary server would otherwise try to send usage telemetry, which fails offline
 # and races the server's own SQLite writes at start-up.
@@ -34,25 +37,37 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's 20 s default on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, ReferenceError, FileNotFoundError)
+USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, ReferenceError, FileNotFoundError,
+               RunLocked)
 
 
 def _runs_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get("NASH_RUNS_DIR", "runs"))
 
 
-def _open_run(args):
-    """Config from file and flags, checked before anything is created, then its run directory."""
+def _load(args):
+    """Config from file and flags, checked before anything is created."""
     overrides = list(args.set or [])
     if args.iterations is not None:
         overrides.append(f"run.iterations={args.iterations}")
     cfg = load_config(args.config, overrides)
     preflight(cfg, RunDir(_runs_dir(args.runs_dir) / cfg.run.name))
+    return cfg
+
+
+def _open_run(args):
+    """The checked config, then its run directory."""
+    cfg = _load(args)
     return cfg, RunDir.create(_runs_dir(args.runs_dir), cfg)
 
 
 def cmd_run(args) -> int:
-    cfg, run = _open_run(args)
+    cfg = _load(args)
+    with run_lock(_runs_dir(args.runs_dir) / cfg.run.name, "nash run"):
+        return _run_locked(cfg, RunDir.create(_runs_dir(args.runs_dir), cfg))
+
+
+def _run_locked(cfg, run: RunDir) -> int:
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
     # Prefect is imported only for commands that run flows.
     from flows.round import round_flow
@@ -78,9 +93,10 @@ def cmd_serve(args) -> int:
 
     from flows.round import round_deployment
 
-    deployment = round_deployment(str(run.path), cfg.run.iterations, args.cron)
-    print(f"nash: serving {deployment.name}: {cfg.run.iterations} iteration(s) of {run.name} on cron "
-          f"{args.cron!r}; Ctrl-C stops", file=sys.stderr)
+    deployment = round_deployment(str(run.path), cfg.run.iterations, args.cron, args.interval)
+    when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
+    print(f"nash: serving {deployment.name}: {cfg.run.iterations} iteration(s) of {run.name} on {when}; "
+          "Ctrl-C stops", file=sys.stderr)
     serve(deployment)
     return 0
 
@@ -100,11 +116,16 @@ def _find_run(args) -> RunDir:
 
 def cmd_eval(args) -> int:
     """The evaluation table of a run; with --against iter_M, annotate against that iteration's answers."""
+    run = _find_run(args)
+    with run_lock(run.path, "nash eval"):  # it writes annotations and the plot
+        return _eval_locked(args, run)
+
+
+def _eval_locked(args, run: RunDir) -> int:
     from judges import close_judge
     from nash import iteration, report
     from nash.records import write_json
 
-    run = _find_run(args)
     its = [it for it in run.iterations() if it.complete and (args.iteration is None or it.index == args.iteration)]
     if args.iteration is not None and not its:
         raise ReferenceError(f"--iteration {args.iteration}: no complete iteration {args.iteration} in {run.path}")
@@ -151,6 +172,43 @@ def cmd_samples(args) -> int:
     return 0
 
 
+def cmd_rollback(args) -> int:
+    """Set aside the iterations after --to N: the next one starts from N's policy on fresh prompts."""
+    run = _find_run(args)
+    with run_lock(run.path, "nash rollback"):
+        later = run.rollback(args.to)
+    names = ", ".join(it.path.name for it in later) or "nothing"
+    print(f"nash: rolled back {run.name} to iteration {args.to}: set aside {names} (kept on disk); "
+          f"the next iteration starts from {'π_0' if args.to == 0 else f'iter_{args.to:03d}'}'s policy",
+          file=sys.stderr)
+    print_status(run)
+    return 0
+
+
+def cmd_rejudge(args) -> int:
+    """Ask the judge again for the failed judgments of the unfinished iteration, without repaying the others."""
+    from nash import iteration
+
+    run = _find_run(args)
+    with run_lock(run.path, "nash rejudge"):
+        its = [it for it in run.iterations() if not it.rolled_back
+               and (args.iteration is None or it.index == args.iteration)]
+        if not its:
+            raise ReferenceError(f"no iteration to rejudge in {run.path}")
+        it = its[-1]
+        try:
+            n = iteration.reopen_failed_judgments(it)
+        except RuntimeError as e:
+            raise ReferenceError(str(e)) from None
+        if n:
+            iteration.judge(str(it.path))
+        counts = iteration.outcome_counts(iteration.read_jsonl(it.judgments, iteration.Judgment)) \
+            if it.judgments.is_file() else {}
+    print(f"nash: {it.path.name}: asked again for {n} failed judgment(s); now {counts.get('failed', 0)} failed. "
+          f"`nash run` continues the iteration from its judgments", file=sys.stderr)
+    return 0
+
+
 def cmd_status(args) -> int:
     runs_dir = _runs_dir(args.runs_dir)
     if args.run:
@@ -177,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     serve = sub.add_parser("serve", help="serve scheduled rounds of a config as a Prefect deployment")
     serve.add_argument("config")
-    serve.add_argument("--cron", required=True, help='schedule, e.g. "0 2 * * *" for 02:00 every night')
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='schedule, e.g. "0 2 * * *" for 02:00 every night')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="schedule: a round every SECONDS")
     serve.add_argument("--iterations", type=int, help="iterations per scheduled round (default: run.iterations)")
     serve.add_argument("--runs-dir")
     serve.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -193,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference (the run's reference outputs, default) or iter_M (that iteration's answers)")
     ev.add_argument("--runs-dir")
     ev.set_defaults(func=cmd_eval)
+    rb = sub.add_parser("rollback", help="set aside the iterations after N; the next starts from N's policy")
+    rb.add_argument("run", help="run name or directory")
+    rb.add_argument("--to", type=int, required=True, metavar="N", help="the last iteration to keep (0: π_0)")
+    rb.add_argument("--runs-dir")
+    rb.set_defaults(func=cmd_rollback)
+    rj = sub.add_parser("rejudge", help="ask the judge again for the failed judgments of the unfinished iteration")
+    rj.add_argument("run", help="run name or directory")
+    rj.add_argument("--iteration", type=int, help="this iteration (default: the last)")
+    rj.add_argument("--runs-dir")
+    rj.set_defaults(func=cmd_rejudge)
     samples = sub.add_parser("samples", help="held-out answers of π_0, the previous and an iteration, side by side")
     samples.add_argument("run", help="run name or directory")
     samples.add_argument("--iteration", type=int, help="this iteration (default: the last complete one)")

@@ -14,6 +14,8 @@ import json
 import threading
 from pathlib import Path
 
+from nash.records import repair_jsonl
+
 
 def cache_key(identity: dict, request: object, repeat: int = 0) -> str:
     blob = json.dumps({"judge": identity, "request": request, "repeat": repeat}, sort_keys=True)
@@ -26,6 +28,7 @@ class JudgmentCache:
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
         if self.path.is_file():
+            repair_jsonl(self.path)  # else the next entry would be appended to a line cut short
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
                     try:
@@ -43,6 +46,7 @@ class JudgmentCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"key": key, "reply": reply}) + "\n")
+                f.flush()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,17 +1,21 @@
 """The `openai` judge backend: the OpenAI client against api.openai.com or any
 OpenAI-compatible server (`vllm serve`, llama.cpp server, Ollama) through `base_url`.
 
-Retries on 429, 5xx and timeouts are the client's own: exponential backoff with jitter,
-honouring `Retry-After`. The API key comes from the environment variable named in
-`judge.api_key_env`, or from a Prefect Secret block named in `judge.api_key_secret`; it is
+Retries on 429, 5xx, timeouts and dropped connections are the client's own: exponential
+backoff with jitter, honouring `Retry-After`. A 200 whose body cannot be decoded is asked again
+by `create_completion`, as many times. The API key comes from the environment variable named
+in `judge.api_key_env`, or from a Prefect Secret block named in `judge.api_key_secret`; it is
 held by the client only and scrubbed from any error text that is recorded.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from judges.lm import Reply
@@ -23,6 +27,19 @@ class MissingAPIKey(ValueError):
 
 class RequestFailed(RuntimeError):
     pass
+
+
+class UndecodableReply(RuntimeError):
+    """Every try was answered with a body that is not a chat completion."""
+
+
+class NotACompletion(ValueError):
+    pass
+
+
+# Between tries of an undecodable reply: BACKOFF_BASE_S doubling up to BACKOFF_CAP_S, less 0-50% jitter.
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 8.0
 
 
 def read_api_key(cfg, section: str = "judge") -> str:
@@ -46,6 +63,44 @@ def scrub(text: str, key: str | None) -> str:
     return text.replace(key, "***") if key and key != "EMPTY" else text
 
 
+def describe(e: BaseException, key: str | None) -> str:
+    """`Type: message` of an error, with the cause the client's own message leaves out, key masked."""
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {cause})"  # e.g. "Connection error. (RemoteProtocolError: ...)"
+    return scrub(text, key)
+
+
+def _completion(resp):
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list) or not choices or any(getattr(c, "message", None) is None for c in choices):
+        body = resp.model_dump_json(exclude_unset=True) if hasattr(resp, "model_dump_json") else repr(resp)
+        raise NotACompletion(f"a reply that is not a chat completion: {body[:200]}")
+    return resp
+
+
+def create_completion(client, key: str | None, **request):
+    """`client.chat.completions.create(**request)`, asked again while the reply cannot be decoded.
+
+    The client retries 429, 5xx, timeouts and dropped connections itself (`client.max_retries`),
+    but it decodes a 200's body after its retry loop: a body cut short, one that is not JSON, or
+    JSON that is not a chat completion would reach the caller at once. Those are asked again up to
+    `max_retries` times, with exponential backoff and jitter, then raise UndecodableReply naming
+    the last one. Other errors (400, 401, 404, the client's retries spent) pass through.
+    """
+    import openai
+
+    tries = client.max_retries + 1
+    for attempt in range(tries):
+        try:
+            return _completion(client.chat.completions.create(**request))
+        except (json.JSONDecodeError, NotACompletion, openai.APIResponseValidationError) as e:
+            if attempt + 1 == tries:
+                raise UndecodableReply(f"no decodable reply in {tries} tries; the last: {describe(e, key)}") from None
+            time.sleep(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0))
+
+
 class OpenAIBackend:
     def __init__(self, cfg, api_key: str):
         import openai
@@ -67,9 +122,8 @@ class OpenAIBackend:
     def _request(self, messages, temperature, max_tokens, logprobs=False):
         try:
             extra = {"logprobs": True, "top_logprobs": 5} if logprobs else {}
-            resp = self.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra
-            )
+            resp = create_completion(self.client, self._key, model=self.model, messages=messages,
+                                     temperature=temperature, max_tokens=max_tokens, **extra)
             usage = resp.usage
             text = resp.choices[0].message.content or ""
             if logprobs:
@@ -81,8 +135,8 @@ class OpenAIBackend:
                 tokens_in=usage.prompt_tokens if usage else 0,
                 tokens_out=usage.completion_tokens if usage else 0,
             )
-        except Exception as e:  # after the client's retries: recorded as a failed judgment
-            return RequestFailed(f"{type(e).__name__}: {scrub(str(e), self._key)}")
+        except Exception as e:  # after the retries: recorded as a failed judgment
+            return RequestFailed(describe(e, self._key))
 
     def complete(self, requests, temperature, max_tokens, weighted=None):
         # Weighted pairwise verdicts read the verdict token's top_logprobs, where the server returns them.

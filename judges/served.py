@@ -23,7 +23,7 @@ from judges.local import (
     weighted_choice_reply,
     weighted_score_reply,
 )
-from judges.openai_judge import OpenAIBackend, RequestFailed, read_api_key, scrub
+from judges.openai_judge import OpenAIBackend, RequestFailed, create_completion, describe, read_api_key
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's limit
 
@@ -62,13 +62,14 @@ class ServedPolicyBackend(OpenAIBackend):
     def _weighted(self, messages, prefix, options: dict[str, str], reply):
         with self._in_flight:
             try:
-                resp = self.client.chat.completions.create(
-                    model=self.model, messages=[*messages, {"role": "assistant", "content": prefix}],
+                resp = create_completion(
+                    self.client, self._key, model=self.model,
+                    messages=[*messages, {"role": "assistant", "content": prefix}],
                     max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=TOP_LOGPROBS,
                     extra_body={"continue_final_message": True, "add_generation_prompt": False})
                 top = resp.choices[0].logprobs.content[0].top_logprobs
-            except Exception as e:  # after the client's retries: a failed judgment, with its reason
-                return RequestFailed(f"{type(e).__name__}: {scrub(str(e), self._key)}")
+            except Exception as e:  # after the retries: a failed judgment, with its reason
+                return RequestFailed(describe(e, self._key))
         probs = {v: 0.0 for v in options.values()}
         for alt in top:
             if alt.token in options:

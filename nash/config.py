@@ -30,10 +30,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+UNHASHED = ("iterations", "keep_policies")  # run keys a command may change on an existing run
+
+
 class RunSection(Section):
     name: str = Field("default", description="Run directory name under --runs-dir.")
     iterations: int = Field(2, ge=1, description="Iterations per `nash run`.")
     seed: int = Field(0, description="Seed for sampling and training.")
+    keep_policies: Literal["all"] | int = Field(
+        "all", description="Policies whose weights stay on disk: all, or k >= 1 for the last k iterations' and the "
+        "promoted one; older weights are deleted when an iteration completes (manifests, hashes and records stay).",
+    )
+
+    @field_validator("keep_policies")
+    @classmethod
+    def _keep_at_least_one(cls, v):
+        if v != "all" and v < 1:
+            raise ValueError("keep_policies: 'all' or an integer >= 1 (the parent of the next iteration must stay)")
+        return v
 
 
 class PolicySection(Section):
@@ -163,7 +177,8 @@ class OpenAIJudge(_LMJudge):
     api_key_secret: str | None = Field(None, description="Prefect Secret block holding the key (used when set).")
     concurrency: int = Field(8, ge=1, description="Prompts judged at once.")
     timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(5, ge=0, description="Client retries on 429, 5xx and timeouts (backoff, Retry-After).")
+    max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx, timeouts, dropped "
+                             "connections and undecodable replies (backoff with jitter, Retry-After).")
     weighted: bool = Field(
         False, description="Pairwise: P(a) against P(b) from the verdict token's top_logprobs, where the server "
         "returns them (otherwise the text verdict counts).",
@@ -411,9 +426,10 @@ class Config(Section):
         return self
 
     def hash(self) -> str:
-        """Hash of everything that shapes results (not how many iterations to run)."""
+        """Hash of everything that shapes results (not how many iterations to run, nor what disk keeps)."""
         data = self.model_dump(mode="json")
-        data["run"].pop("iterations")
+        for key in UNHASHED:
+            data["run"].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

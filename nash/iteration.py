@@ -97,6 +97,9 @@ def prepare(run_dir: str) -> str:
     cfg = run.config()
     it = run.next_iteration()
     if it.manifest():
+        stages = it.manifest().get("stages", {})
+        if "select_pairs" not in stages and stages.get("judge", {}).get("failed"):
+            reopen_failed_judgments(it)  # nothing used them yet: ask the failed ones again
         it.update_manifest(status="running", error=None, traceback=None)
         return str(it.path)
     all_prompts = _load_prompts(cfg)
@@ -146,7 +149,8 @@ def sample(iter_dir: str, progress: Progress | None = None) -> str:
         if sampler.info:
             it.update_manifest(sampling=sampler.info)
         return {"candidates": len(samples), "mean_tokens": round(sum(x.num_tokens for x in samples) / len(samples), 1),
-                "backend": s.backend, **{k: sampler.info[k] for k in THROUGHPUT if k in sampler.info}}
+                "backend": s.backend,
+                **{k: sampler.info[k] for k in (*THROUGHPUT, "reused_batches") if k in sampler.info}}
 
     return _run_stage(it, "sample", it.samples, work)
 
@@ -173,6 +177,29 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
     return _run_stage(it, "judge", it.judgments, work)
 
 
+def reopen_failed_judgments(it: IterationDir) -> int:
+    """Drop the judge stage's failed records so the stage asks those prompts again; return how many.
+
+    Replies that parsed are in the judge's cache, so a prompt with one failed candidate costs
+    only that candidate's requests. The stages after judging are redone on the new judgments.
+    Refused on a complete iteration: its policy was trained on the old ones.
+    """
+    if it.complete:
+        raise RuntimeError(f"{it.path.name} is complete: its pairs and policy were made from these judgments; "
+                           f"roll back to {it.index - 1} and run again instead")
+    if not it.judgments.is_file():
+        return 0
+    records = read_jsonl(it.judgments, Judgment)
+    failed = {j.prompt_id for j in records if j.outcome == "failed"}
+    if not failed:
+        return 0
+    write_jsonl(it.judgments, [j for j in records if j.prompt_id not in failed])
+    stages = {k: v for k, v in it.manifest().get("stages", {}).items() if k not in STAGES[1:]}
+    it.update_manifest(stages=stages)
+    log.info("%s: asking the judge again for %d prompt(s) with failed judgments", it.path.name, len(failed))
+    return sum(j.outcome == "failed" for j in records)
+
+
 def select(iter_dir: str) -> str:
     it = IterationDir.from_path(iter_dir)
     cfg = it.run.config()
@@ -188,11 +215,9 @@ def select(iter_dir: str) -> str:
                 p.rule, p.teacher_margin, it.index)
         if p.length_guard.action == "drop":
             fresh = pair_rules.length_guard(fresh, p.length_guard.max_ratio, stats)
-        earlier = []
-        for lag in range(1, len(p.replay) + 1):
-            prev = IterationDir(it.run, it.index - lag)
-            if prev.index >= 1 and prev.complete:
-                earlier.append((prev.index, [x for x in read_jsonl(prev.pairs, Pair) if x.iteration in (None, prev.index)]))
+        earlier = []  # lag 1, 2, ...: the iterations this one descends from, never rolled-back ones
+        for prev in it.run.lineage(before=it.index)[::-1][: len(p.replay)]:
+            earlier.append((prev.index, [x for x in read_jsonl(prev.pairs, Pair) if x.iteration in (None, prev.index)]))
         training = fresh + pair_rules.replay(len(fresh), earlier, p.replay, cfg.run.seed, stats)
         pair_rules.finish_stats(stats, training)
         write_jsonl(it.pairs, training)
@@ -298,9 +323,9 @@ def side_by_side(it: IterationDir, n: int = 6) -> list[dict]:
     """Held-out answers of π_0, the previous iteration and this one, side by side."""
     prompts = read_jsonl(it.run.eval_prompts, Prompt)
     columns = {"iter_000": read_jsonl(it.run.baseline_dir / "eval" / "samples.jsonl", Sample)}
-    prev = IterationDir(it.run, it.index - 1)
-    if prev.index >= 1 and (prev.eval_dir / "samples.jsonl").is_file():
-        columns[prev.path.name] = read_jsonl(prev.eval_dir / "samples.jsonl", Sample)
+    lineage = it.run.lineage(before=it.index)
+    if lineage and (lineage[-1].eval_dir / "samples.jsonl").is_file():
+        columns[lineage[-1].path.name] = read_jsonl(lineage[-1].eval_dir / "samples.jsonl", Sample)
     columns[it.path.name] = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
     return evaluation.side_by_side(prompts, columns, n)
 
@@ -359,8 +384,9 @@ def finalize(iter_dir: str) -> str:
     metrics = json.loads(it.metrics.read_text())
     # Judging spend of this iteration (training judgments and evaluation), and of the run so far.
     spend = {k: m.get("judge_outcomes", {}).get(k, 0) + metrics.get("eval_judge_usage", {}).get(k, 0) for k in USAGE}
+    # Rolled-back iterations were paid for too.
     earlier = [p.manifest().get("judge_spend", {}).get("iteration", {}) for p in it.run.iterations()
-               if p.index < it.index and p.complete]
+               if p.index < it.index and (p.complete or p.rolled_back)]
     run_total = {k: sum(e.get(k, 0) for e in earlier) + spend[k] for k in USAGE}
     it.update_manifest(
         judge_spend={"iteration": spend, "run": run_total},
@@ -373,9 +399,13 @@ def finalize(iter_dir: str) -> str:
         timings={s: m["stages"][s]["seconds"] for s in STAGES},
         finished_at=now(),
         status="complete",
+        error=None,       # an earlier attempt's failure, resumed since
+        traceback=None,
     )
     if metrics["headline"]["promoted"]:
         report.record_promotion(it.run, metrics["headline"], it.policy)
+    for gone in it.run.prune_policies(it.run.config().run.keep_policies):
+        log.info("run.keep_policies=%s: deleted the weights of %s", it.run.config().run.keep_policies, gone.path.name)
     return str(it.manifest_path)
 
 

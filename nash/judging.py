@@ -1,7 +1,9 @@
 """Judging: run a judge over sampled candidates, appending each prompt's results as they arrive.
 
-`judgments.jsonl` is append-only. A prompt whose candidates all have a record is not
-judged again, so a crash or a re-run never pays for the same judgment twice. Prompts are
+`judgments.jsonl` is append-only, one write per prompt. A prompt whose candidates all have a
+record is not judged again, so a crash or a re-run never pays for the same judgment twice; a
+last line cut short by a kill is dropped on resume, and that prompt is judged again (its
+replies that reached the judge's cache are not paid again). Prompts are
 judged `judge.concurrency` at a time. When the judge's budget runs out, judging stops
 cleanly: what was judged is kept and the prompts left are counted, not recorded.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from judges.base import BudgetExhausted, Judge
-from nash.records import USAGE, Judgment, Prompt, Sample, append_jsonl, read_jsonl
+from nash.records import USAGE, Judgment, Prompt, Sample, append_jsonl, read_jsonl, repair_jsonl, write_jsonl
 from nash.sampling import Progress
 
 
@@ -32,7 +34,7 @@ def judge_samples(
     by_prompt: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_prompt[s.prompt_id].append(s)
-    done = read_jsonl(out_path, Judgment) if out_path.is_file() else []
+    done = _complete_groups(out_path, by_prompt)
     seen = Counter(j.prompt_id for j in done)
     todo = [pid for pid, group in by_prompt.items() if seen[pid] < len(group)]
     for pid in todo:
@@ -71,6 +73,25 @@ def judge_samples(
     judged = {j.prompt_id for j in done}
     info = {"unjudged_prompts": sum(pid not in judged for pid in by_prompt), "budget_stop": stopped}
     return done, info
+
+
+def _complete_groups(out_path: Path, by_prompt: dict[str, list[Sample]]) -> list[Judgment]:
+    """The records of prompts judged in full, once each; the file is rewritten if it held anything else."""
+    if not out_path.is_file():
+        return []
+    repair_jsonl(out_path, Judgment)
+    records = read_jsonl(out_path, Judgment)
+    first: dict[tuple[str, int | None], Judgment] = {}
+    for j in records:
+        first.setdefault((j.prompt_id, j.candidate), j)
+    have: dict[str, set] = defaultdict(set)
+    for pid, candidate in first:
+        have[pid].add(candidate)
+    whole = {pid for pid, got in have.items() if {s.candidate for s in by_prompt.get(pid, [])} <= got}
+    keep = [j for j in first.values() if j.prompt_id in whole]
+    if len(keep) != len(records):
+        write_jsonl(out_path, keep)
+    return keep
 
 
 def outcome_counts(judgments: list[Judgment]) -> dict:

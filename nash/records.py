@@ -1,18 +1,23 @@
 """One record type per JSONL file of an iteration directory, and the JSONL I/O for them.
 
-Files are written atomically (temp file then rename) or appended line by line, so a
-reader never sees half a record, and a crash keeps every line already written.
+Files are written atomically (temp file, fsync, rename, fsync of the directory) or appended
+a whole group of lines per write, so a reader never sees half a record, and a crash keeps
+every line already written. A kill in the middle of an append can still leave the last line
+cut short: `repair_jsonl` drops it (with a warning) before the file is read or appended to.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger("nash")
 
 
 class Record(BaseModel):
@@ -110,26 +115,76 @@ def read_jsonl(path: str | os.PathLike, record: type[R]) -> list[R]:
     return out
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new file in directory `path` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(r.model_dump_json() + "\n")
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
     return path
 
 
 def append_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    """Append the records in one write: a kill leaves all of them, none, or a last line cut short."""
+    block = "".join(r.model_dump_json() + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(r.model_dump_json() + "\n")
-            f.flush()
+        f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def repair_jsonl(path: str | os.PathLike, record: type[Record] | None = None) -> int:
+    """Drop a last line cut short by a kill (no newline, or not a valid record); return bytes dropped.
+
+    Only the last line: a bad line followed by good ones is not a crash's doing and stays an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    if not data:
+        return 0
+    keep = len(data)
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:
+        start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        line = data[start:].decode("utf-8", errors="replace")
+        try:
+            record.model_validate_json(line) if record else json.loads(line)
+        except (ValidationError, ValueError):
+            keep = start
+    if keep == len(data):
+        return 0
+    with open(path, "rb+") as f:
+        f.truncate(keep)
+        os.fsync(f.fileno())
+    lineno = data[:keep].count(b"\n") + 1
+    log.warning("%s: line %d was cut short by an interrupted write (%d bytes); dropped it", path, lineno,
+                len(data) - keep)
+    return len(data) - keep
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
     return path

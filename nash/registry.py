@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nash.config import Config, ConfigError, validate_config
-from nash.records import write_json
+from nash.config import UNHASHED, Config, ConfigError, validate_config
+from nash.records import fsync_dir, write_json
 
 PACKAGES = ("nash", "torch", "transformers", "trl", "datasets", "accelerate", "prefect", "pydantic")
 
@@ -80,6 +81,8 @@ def iteration_row(manifest: dict) -> dict:
         "LC win rate": fmt(m.get("lc_win_rate")),
         "KL to π_0": fmt(m.get("kl_from_initial"), 4),
         "promoted": fmt_promoted(m),
+        "weights": "deleted" if manifest.get("policy_deleted_at") else
+                   "on disk" if manifest.get("status") in ("complete", "rolled_back") else "-",
         "judge $": f"{manifest.get('judge_spend', {}).get('iteration', {}).get('cost_usd', 0.0):.2f}",
         "seconds": round(sum(manifest.get("timings", {}).values())),
     }
@@ -136,6 +139,14 @@ class IterationDir:
     def complete(self) -> bool:
         return self.status == "complete"
 
+    @property
+    def rolled_back(self) -> bool:
+        return self.status == "rolled_back"
+
+    @property
+    def weights_on_disk(self) -> bool:
+        return (self.policy / "config.json").is_file()
+
     def file_hashes(self) -> dict[str, str]:
         files = [self.samples, self.judgments, self.pairs, self.metrics]
         files += sorted(p for p in self.policy.glob("*") if p.is_file())
@@ -163,12 +174,16 @@ class RunDir:
                 old, new = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
                 diff = [
                     f"{s}.{k}" for s in new for k in new[s]
-                    if (s, k) != ("run", "iterations") and old[s].get(k) != new[s][k]
+                    if not (s == "run" and k in UNHASHED) and old[s].get(k) != new[s][k]
                 ]
                 raise ConfigError(
                     f"run {cfg.run.name!r} already exists in {run.path} with a different config "
                     f"({', '.join(diff)}); set run.name to start a new run"
                 )
+            if stored.run.keep_policies != cfg.run.keep_policies:
+                data = json.loads(run.config_path.read_text(encoding="utf-8"))
+                data["config"]["run"]["keep_policies"] = cfg.run.keep_policies
+                write_json(run.config_path, data)
             return run
         run.path.mkdir(parents=True, exist_ok=True)
         write_json(run.config_path, {"config_hash": cfg.hash(), "created_at": now(), "config": cfg.model_dump(mode="json")})
@@ -185,13 +200,65 @@ class RunDir:
             found.append(IterationDir(self, int(p.name[5:])))
         return found
 
+    def lineage(self, before: int | None = None) -> list[IterationDir]:
+        """Complete iterations, oldest first: each one's parent is the one before it (rolled-back ones are out)."""
+        return [it for it in self.iterations() if it.complete and (before is None or it.index < before)]
+
     def last_complete(self) -> IterationDir | None:
-        done = [it for it in self.iterations() if it.complete]
+        done = self.lineage()
         return done[-1] if done else None
 
     def next_iteration(self) -> IterationDir:
-        """The unfinished last iteration if there is one, else a new one after it."""
+        """The unfinished last iteration if there is one, else a new one after every iteration directory.
+
+        After a rollback the new one takes the next index, and so the next fresh prompt partition.
+        """
         its = self.iterations()
-        if its and not its[-1].complete:
+        if its and not its[-1].complete and not its[-1].rolled_back:
             return its[-1]
         return IterationDir(self, its[-1].index + 1 if its else 1)
+
+    def rollback(self, to: int) -> list[IterationDir]:
+        """Set aside every iteration after `to`; return them. Their files stay; their manifests say so."""
+        from nash.report import record_promotion
+
+        if to != 0:
+            target = IterationDir(self, to)
+            if not target.complete:
+                raise ConfigError(f"--to {to}: iteration {to} of {self.name} is not a complete iteration "
+                                  f"(status: {target.status})")
+            if not target.weights_on_disk:
+                kept = [str(it.index) for it in self.lineage() if it.weights_on_disk]
+                raise ConfigError(
+                    f"--to {to}: the weights of iteration {to} were deleted by run.keep_policies on "
+                    f"{target.manifest().get('policy_deleted_at')}; iterations with weights on disk: "
+                    f"{', '.join(['0'] + kept)}")
+        later = [it for it in self.iterations() if it.index > to and not it.rolled_back]
+        for it in later:
+            it.update_manifest(status="rolled_back", rolled_back={"from_status": it.status, "to": to, "at": now()})
+        promoted = [it for it in self.lineage() if json.loads(it.metrics.read_text()).get("headline", {}).get("promoted")]
+        if promoted:
+            head = json.loads(promoted[-1].metrics.read_text())["headline"]
+            record_promotion(self, head, promoted[-1].policy)
+        else:
+            self.promoted_path.unlink(missing_ok=True)
+        return later
+
+    def prune_policies(self, keep: str | int) -> list[IterationDir]:
+        """Delete the weights `run.keep_policies` does not keep; their manifests, hashes and records stay."""
+        if keep == "all":
+            return []
+        keep_index = {it.index for it in self.lineage()[-keep:]}
+        if self.promoted_path.is_file():
+            keep_index.add(json.loads(self.promoted_path.read_text())["iteration"])
+        pruned = []
+        for it in self.iterations():
+            doomed = it.path / "policy.deleting"
+            if it.index not in keep_index and (it.complete or it.rolled_back) and it.weights_on_disk:
+                it.policy.rename(doomed)  # absent at once; the files go next
+                fsync_dir(it.path)
+                it.update_manifest(policy_deleted_at=now())
+                pruned.append(it)
+            if doomed.exists():
+                shutil.rmtree(doomed)
+        return pruned

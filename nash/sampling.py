@@ -23,6 +23,8 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from nash.records import repair_jsonl
+
 Progress = Callable[[int, int], None]  # (done, total)
 PROGRESS_TAG = "nash-sample-progress"  # the vLLM worker's progress lines
 THROUGHPUT = ("sequences_per_second", "tokens_per_second", "engine_start_seconds")
@@ -108,7 +110,8 @@ class TransformersSampler(_Tokens):
     Loads its own left-padding tokenizer, which `count_tokens` uses.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 64, device: str | None = None):
+    def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 64, device: str | None = None,
+                 journal: Path | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,6 +123,10 @@ class TransformersSampler(_Tokens):
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
+        self.model_path, self.dtype = model_path, dtype
+        # Finished batches, so a killed stage resumes at the first unfinished one: each batch
+        # draws from its own seed, so what it samples does not depend on the batches before it.
+        self.journal = journal
         self.info: dict = {}
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -136,10 +143,17 @@ class TransformersSampler(_Tokens):
         jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(params.n)), key=lambda j: lengths[j[0]])
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         greedy = params.temperature == 0.0
+        key = self._journal_key(texts, params)
+        finished = self._finished_batches(key)
         bar = tqdm(total=len(jobs), desc="sampling", unit="seq", leave=False, disable=not show_progress)
         t0 = time.perf_counter()
         for b, start in enumerate(range(0, len(jobs), self.batch_size)):
             batch = jobs[start : start + self.batch_size]
+            if b in finished:
+                for (i, k), (text, n_tok) in zip(batch, finished[b]):
+                    out[i][k] = Completion(text, n_tok)
+                bar.update(len(batch))
+                continue
             enc = tok([texts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(self.device)
             draw = None
@@ -162,6 +176,8 @@ class TransformersSampler(_Tokens):
                 ids = ids.tolist()
                 n_tok = next((j + 1 for j, t in enumerate(ids) if t in self.eos_ids), len(ids))
                 out[i][k] = Completion(tok.decode(ids[:n_tok], skip_special_tokens=True).strip(), n_tok)
+            if self.journal:
+                self._record_batch(key, b, [out[i][k] for i, k in batch])
             bar.update(len(batch))
             if progress:
                 progress(min(start + len(batch), len(jobs)), len(jobs))
@@ -169,8 +185,29 @@ class TransformersSampler(_Tokens):
         seconds = time.perf_counter() - t0
         toks = sum(c.num_tokens for cs in out for c in cs)
         self.info = {"backend": "transformers", "sequences": len(jobs), "tokens": toks,
-                     "generate_seconds": round(seconds, 2), **throughput(len(jobs), toks, seconds)}
+                     "generate_seconds": round(seconds, 2), "reused_batches": len(finished),
+                     **throughput(len(jobs), toks, seconds)}
         return out
+
+    def _journal_key(self, texts: list[str], params) -> str:
+        import hashlib
+
+        blob = json.dumps({"model": self.model_path, "dtype": self.dtype, "batch_size": self.batch_size,
+                           "params": vars(params), "texts": texts}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _finished_batches(self, key: str) -> dict[int, list[tuple[str, int]]]:
+        if not (self.journal and self.journal.is_file()):
+            return {}
+        repair_jsonl(self.journal)
+        rows = (json.loads(line) for line in self.journal.read_text(encoding="utf-8").splitlines() if line)
+        return {row["batch"]: row["completions"] for row in rows if row["key"] == key}
+
+    def _record_batch(self, key: str, b: int, completions: list[Completion]) -> None:
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"key": key, "batch": b, "completions": [[c.text, c.num_tokens] for c in completions]})
+        with open(self.journal, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
 
 class EngineFailed(RuntimeError):
@@ -493,8 +530,9 @@ class VLLMServer:
 class OpenAISampler(_Tokens):
     """K samples per prompt from a server that already serves the policy, through the chat API's `n`.
 
-    Requests run `concurrency` at a time; the client retries 429, 5xx and timeouts, and a reply
-    that cannot be decoded is retried the same way. Finished prompts are journaled in
+    Requests run `concurrency` at a time; the client retries 429, 5xx, timeouts and dropped
+    connections, and a reply that cannot be decoded is asked again the same number of times
+    (`create_completion`). Finished prompts are journaled in
     `work_dir/server.jsonl`, so a re-run after a failure asks only for the others.
     """
 
@@ -514,30 +552,21 @@ class OpenAISampler(_Tokens):
     def _ask(self, prompt: str, params: SamplingParams) -> list[Completion]:
         import openai
 
-        from judges.openai_judge import scrub
+        from judges.openai_judge import UndecodableReply, create_completion, describe
 
         out: list[Completion] = []
-        attempt = 0
         while len(out) < params.n:
             want = params.n - len(out)
-            try:
-                resp = self.client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], n=want,
+            try:  # 429, 5xx, timeouts, dropped connections and undecodable replies are retried in there
+                choices = create_completion(
+                    self.client, self._key, model=self.model, messages=[{"role": "user", "content": prompt}], n=want,
                     temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                    seed=params.seed)
-                choices = resp.choices or []
-                if not choices:
-                    raise ValueError("reply without choices")
-            except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, openai.APIConnectionError) as e:
-                # after the client's own retries, or a body it could not decode: back off and ask again
-                attempt += 1
-                if attempt > self.cfg.max_retries:
-                    raise EngineFailed(f"sampling.server.base_url: {self.cfg.base_url} gave no usable reply after "
-                                       f"{attempt} tries: {type(e).__name__}: {scrub(str(e), self._key)}") from None
-                time.sleep(min(8.0, 0.25 * 2 ** attempt))
-                continue
+                    seed=params.seed).choices
+            except (UndecodableReply, openai.APIConnectionError) as e:
+                raise EngineFailed(f"sampling.server.base_url: {self.cfg.base_url} gave no usable reply: "
+                                   f"{describe(e, self._key)}") from None
             except openai.APIError as e:
-                raise EngineFailed(f"sampling.server: {type(e).__name__}: {scrub(str(e), self._key)}") from None
+                raise EngineFailed(f"sampling.server: {describe(e, self._key)}") from None
             for c in choices[:want]:  # a server that ignores `n` answers once: ask again for the rest
                 text = (c.message.content or "").strip()
                 out.append(Completion(text, self.count_tokens(text)))
@@ -550,6 +579,7 @@ class OpenAISampler(_Tokens):
         key = {"model": self.model, "base_url": self.cfg.base_url, "n": params.n, "temperature": params.temperature,
                "top_p": params.top_p, "max_tokens": params.max_new_tokens, "seed": params.seed}
         if self.journal and self.journal.is_file():
+            repair_jsonl(self.journal)
             for line in self.journal.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(ValueError, KeyError):  # a line cut short by a crash
                     row = json.loads(line)
@@ -591,7 +621,8 @@ class OpenAISampler(_Tokens):
 def build_sampler(cfg, model_path: str, dtype: str, work_dir: Path | None = None) -> Sampler:
     """The sampler of `sampling.backend` (cfg: the sampling section); `work_dir` keeps shards and journals."""
     if cfg.backend == "transformers":
-        return TransformersSampler(model_path, dtype=dtype, batch_size=cfg.batch_size)
+        return TransformersSampler(model_path, dtype=dtype, batch_size=cfg.batch_size,
+                                   journal=work_dir / "batches.jsonl" if work_dir else None)
     if cfg.backend == "vllm":
         return VLLMSampler(model_path, cfg.vllm, cfg.data_parallel, dtype, work_dir or Path(model_path) / ".nash-vllm")
     if cfg.backend == "openai":

@@ -11,6 +11,7 @@ import os
 import sys
 
 from nash.drift import token_kl
+from nash.lifeline import die_with_parent
 from nash.policy import resolve_policy
 from nash.records import Pair, Sample, read_jsonl, write_json
 from nash.registry import IterationDir
@@ -58,4 +59,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # under `accelerate launch` the parent is the launcher, itself tied to the stage
+    os.register_at_fork(after_in_child=die_with_parent)  # dataloader workers
     sys.exit(main(sys.argv[1:]))

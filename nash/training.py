@@ -12,9 +12,11 @@ runs under `accelerate launch` on several GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 from nash.config import PAIRED_LOSSES
 from nash.lm_head import cpu_scored_heads
 from nash.precision import Precision, resolve
-from nash.records import Pair
+from nash.records import Pair, fsync_dir
 from nash.sampling import Progress
 
 PROGRESS_TAG = "nash-train-progress"
@@ -153,8 +155,12 @@ def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, 
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         trainer.processing_class.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
         shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        tmp.rename(out_dir)  # the policy directory is complete or absent
+        fsync_dir(out_dir.parent)
         shutil.rmtree(work, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
 
@@ -181,10 +187,12 @@ def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, 
 
 
 def worker_command(iter_dir: str | Path, train_cfg) -> list[str]:
+    # nash.lifeline ties the launcher to this process; the workers tie themselves to the launcher.
+    lifeline = [sys.executable, "-m", "nash.lifeline"]
     if train_cfg.launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(train_cfg.num_processes),
-                "-m", "nash.train_worker", str(iter_dir)]
-    return [sys.executable, "-m", "nash.train_worker", str(iter_dir)]
+        return lifeline + [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+                           str(train_cfg.num_processes), "-m", "nash.train_worker", str(iter_dir)]
+    return lifeline + [sys.executable, "-m", "nash.train_worker", str(iter_dir)]
 
 
 def train_in_subprocess(iter_dir: Path, train_cfg, progress: Progress | None = None) -> dict:
@@ -201,21 +209,32 @@ def train_in_subprocess(iter_dir: Path, train_cfg, progress: Progress | None = N
     bar = tqdm(desc="training", unit="step", leave=False)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            if line.startswith(PROGRESS_TAG):
-                done, total = map(int, line.split()[1:3])
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-                if progress:
-                    progress(done, total)
-                continue
-            log.write(line)
-            log.flush()  # readable while training runs
-            tail.append(line.rstrip())
-        rc = proc.wait()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            rc = _follow(proc, log, tail, bar, progress)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher's workers too, on any way out
+            proc.wait()
     bar.close()
     if rc != 0 or not result_path.is_file():
         raise RuntimeError(f"training subprocess exited with status {rc}; see {log_path}:\n  " + "\n  ".join(tail))
     return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def _follow(proc, log, tail, bar, progress) -> int:
+    """Copy the worker's output to the log and its progress lines to the bar; its exit status."""
+    for line in proc.stdout:
+        if line.startswith(PROGRESS_TAG):
+            done, total = map(int, line.split()[1:3])
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+            if progress:
+                progress(done, total)
+            continue
+        log.write(line)
+        log.flush()  # readable while training runs
+        tail.append(line.rstrip())
+    return proc.wait()

@@ -1,10 +1,14 @@
 """A small OpenAI-compatible chat-completions server on loopback, scripted by the tests.
 
-`script` is a list of behaviours consumed one per request; when it is empty the default
-responder answers. Behaviours: ("ok", text), ("429", retry_after_s), ("500",),
-("slow", seconds, text), ("401",), ("garbled",) (a 200 whose body is cut off). With `next_token`
-set, requests for `top_logprobs` get one token and those alternatives. Every request body and
-header is recorded.
+`script` is a list of behaviours consumed one per request; when it is empty, `fault` (a function
+of the user prompt, returning a behaviour or None) is asked, then the default responder answers.
+Behaviours: ("ok", text), ("429", retry_after_s), ("500",), ("slow", seconds, text), ("401",),
+and the replies that cannot be decoded: ("garbled",) a 200 whose JSON is cut off,
+("invalid_json",) a 200 with an HTML page, ("not_completion",) a 200 with JSON but no `choices`,
+("truncated",) a 200 whose connection closes half-way through the promised body, ("drop",) a
+connection closed without a response, ("cut_headers",) one closed in the middle of the headers.
+With `next_token` set, requests for `top_logprobs` get one token and those alternatives. Every
+request body and header is recorded, with the behaviour it got (None: the default).
 """
 
 from __future__ import annotations
@@ -66,14 +70,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _hang_up(self, kind: str):
+        """Close the connection part-way through the body, before any reply, or in the headers."""
+        self.close_connection = True
+        if kind == "truncated":  # Content-Length promises more than is sent
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "400")
+            self.end_headers()
+            self.wfile.write(b'{"id": "chatcmpl-test", "object": "chat.comp')
+        elif kind == "cut_headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Ty")
+
     def do_POST(self):
         srv = self.server.owner
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
         with srv.lock:
-            srv.requests.append({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()}, "t": time.monotonic()})
-            behaviour = srv.script.pop(0) if srv.script else None
+            behaviour = srv.script.pop(0) if srv.script else srv.fault(user) if srv.fault else None
+            srv.requests.append({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                 "t": time.monotonic(), "behaviour": behaviour})
         if behaviour is None and srv.next_token is not None and body.get("top_logprobs"):  # a prefilled reply: its next token only
-            user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
             top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in srv.next_token(user).items()]
             choice = {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": top[0]["token"]},
                       "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}
@@ -95,6 +112,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "auth"}})
         if kind == "garbled":  # HTTP 200 with a body cut off mid-way
             return self._send(200, '{"id": "chatcmpl-test", "object": "chat.comp')
+        if kind == "invalid_json":  # a proxy's error page
+            return self._send(200, "<html><body><h1>502 Bad Gateway</h1></body></html>")
+        if kind == "not_completion":
+            return self._send(200, {"object": "error", "message": "upstream overloaded"})
+        if kind in ("truncated", "drop", "cut_headers"):
+            return self._hang_up(kind)
         if kind == "slow":
             time.sleep(behaviour[1])
             text = behaviour[2]
@@ -128,11 +151,13 @@ class OpenAIServer:
         self.honour_n = True  # False: one choice whatever `n` asks, as some servers do
         self.verdict_confidence = 0.8
         self.next_token = None  # user prompt -> {token: probability}: the reply to `top_logprobs` requests
+        self.fault = None  # user prompt -> a behaviour, or None for the default reply (after `script`)
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.owner = self
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # a short poll: shutdown() waits for it
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
