@@ -88,6 +88,8 @@ def _run_locked(cfg, run: RunDir) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.interval is not None and args.interval <= 0:
+        raise ConfigError(f"--interval: expected a number of seconds > 0, got {args.interval:g}")
     cfg, run = _open_run(args)
     from prefect import serve
 

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.iteration import artifact_key, iteration_flow
 from nash import iteration as stages
 from nash import report
-from nash.registry import RunDir, iteration_row
+from nash.registry import IterationDir, RunDir, iteration_row
+from nash.runlock import run_lock
 
 
 def _markdown_table(rows: list[dict]) -> str:
@@ -40,6 +42,18 @@ def summary_markdown(run: RunDir) -> str:
     return out
 
 
+def stage_failure(iter_dir: str) -> str | None:
+    """"iteration iter_001 failed in stage judge: ValueError: ...", from a failed iteration's manifest."""
+    m = IterationDir.from_path(iter_dir).manifest()
+    if m.get("status") != "failed":
+        return None
+    failed = [(name, s) for name, s in m.get("stages", {}).items() if s.get("status") == "failed"]
+    if failed:
+        name, s = failed[-1]
+        return " ".join(f"iteration {Path(iter_dir).name} failed in stage {name}: {s.get('error')}".split())
+    return " ".join(f"iteration {Path(iter_dir).name} failed: {m.get('error')}".split())
+
+
 def _round_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -51,27 +65,43 @@ def round_flow(run_dir: str, iterations: int) -> list[str]:
     log = get_run_logger()
     run = RunDir(run_dir)
     done = []
-    for _ in range(iterations):
-        iter_dir = stages.prepare(run_dir)
-        log.info("iteration %s: %s", Path(iter_dir).name, iter_dir)
-        done.append(iteration_flow.with_options(flow_run_name=f"{run.name}-{Path(iter_dir).name}")(iter_dir))
-    create_markdown_artifact(summary_markdown(run), key=artifact_key("nash", run.name, "summary"),
-                             description=f"round summary of {run.name}")
+    # One writer per run: `nash run` holds the lock already (re-entrant), a scheduled round takes it.
+    with run_lock(run.path, "nash round"):
+        for _ in range(iterations):
+            iter_dir = stages.prepare(run_dir)
+            log.info("iteration %s: %s", Path(iter_dir).name, iter_dir)
+            try:
+                done.append(iteration_flow.with_options(flow_run_name=f"{run.name}-{Path(iter_dir).name}")(iter_dir))
+            except Exception:
+                failure = stage_failure(iter_dir)
+                if failure:
+                    log.error("%s; its finished stages are kept and the next round resumes it", failure)
+                raise  # the round ends Failed, with the stage's exception
+        create_markdown_artifact(summary_markdown(run), key=artifact_key("nash", run.name, "summary"),
+                                 description=f"round summary of {run.name}")
     return done
 
 
-def round_deployment(run_dir: str, iterations: int, cron: str):
-    """A deployment of the round flow on a cron schedule, e.g. nightly rounds.
+# One round of a run at a time (iterations are sequential), and a slot that comes due while a
+# round still runs is cancelled, not queued: scheduled rounds never pile up behind a long one.
+ROUND_CONCURRENCY = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+
+def round_deployment(run_dir: str, iterations: int, cron: str | None = None, interval: float | None = None):
+    """A deployment of the round flow on a cron schedule (e.g. nightly rounds) or every `interval` seconds.
 
     Its parameters are the run directory and the iteration count only: the config lives
     in the run's `run.json`, and secrets stay in the environment of the serving process.
     """
+    if (cron is None) == (interval is None):
+        raise ValueError("round_deployment: give a cron or an interval, not both")
     run = RunDir(run_dir)
     return round_flow.to_deployment(
         name=f"{run.name}-round",
         cron=cron,
+        interval=interval,
         parameters={"run_dir": str(Path(run_dir).resolve()), "iterations": iterations},
         description=f"scheduled self-improvement rounds of {run.name}",
         tags=["nash"],
-        concurrency_limit=1,  # one round of a run at a time: iterations are sequential
+        concurrency_limit=ROUND_CONCURRENCY,
     )

@@ -1,6 +1,6 @@
 """A real `prefect server start` on loopback, with its scheduler, and a served `nash serve`.
 
-Used by the scheduling test and by benchmarks/schedule_overlap.py. Both child processes run in
+Used by the scheduling tests and by benchmarks/schedule_overlap.py. Both child processes run in
 their own process groups and are killed as groups on exit, so nothing outlives the caller.
 """
 
@@ -115,3 +115,16 @@ class PrefectServer:
     def deployment(self, flow_name: str, deployment_name: str) -> dict | None:
         r = httpx.get(f"{self.url}/deployments/name/{flow_name}/{deployment_name}", timeout=10)
         return r.json() if r.status_code == 200 else None
+
+    def states(self, flow_run_id: str) -> list[dict]:
+        """Every state a flow run went through, oldest first."""
+        r = httpx.get(f"{self.url}/flow_run_states/", params={"flow_run_id": flow_run_id}, timeout=10)
+        r.raise_for_status()
+        return sorted(r.json(), key=lambda s: s["timestamp"])
+
+    def logs(self, flow_run_id: str) -> list[dict]:
+        """A flow run's log records as the server has them (its own lines, not its subflows')."""
+        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+        r = httpx.post(f"{self.url}/logs/filter", json=body, timeout=10)
+        r.raise_for_status()
+        return r.json()

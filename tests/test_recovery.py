@@ -1,19 +1,11 @@
-"""Failures and recovery: kill -9 inside each stage, then the same command; the run lock; rollback; retention.
-
-The crash harness runs iterations in a child process of its own process group (the stages
-without Prefect: what a stage writes does not depend on who calls it), kills the group with
-SIGKILL at a chosen moment, checks that nothing of it is left running, and runs it again.
-"""
+"""Failures and recovery: kill -9 inside each stage, then the same command; the run lock; rollback; retention."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -21,79 +13,19 @@ from nash.config import ConfigError, load_config
 from nash.records import Judgment, Pair, Sample, read_jsonl, repair_jsonl
 from nash.registry import IterationDir, RunDir, sha256_file
 from nash.runlock import RunLocked, holder, run_lock
-from tests.openai_server import OpenAIServer, default_reply
-
-ROOT = Path(__file__).resolve().parent.parent
-DRIVER = "import sys; from nash.iteration import run_iteration; run_iteration(sys.argv[1])"
-
-
-def slow_reply(prompt: str) -> str:
-    time.sleep(0.25)  # keeps requests in flight long enough to kill among them
-    return default_reply(prompt)
-
-
-def make_run(tmp_path, name, overrides, server_url):
-    cfg = load_config(ROOT / "configs" / "default.yaml", [
-        *overrides, f"run.name={name}", "judge.kind=openai", f"judge.base_url={server_url}", "judge.concurrency=4",
-        "judge.max_retries=0", "sampling.batch_size=8", "eval.drift_prompts=0", "train.kl_prompts=0"])
-    return RunDir.create(tmp_path / "runs", cfg)
-
-
-def start(run: RunDir, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "NASH_CACHE": str(cache), "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(run.path)], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
-    """SIGKILL the process group once `ready()`; then nothing of it may be left, the worker included."""
-    deadline = time.time() + timeout
-    while not ready():
-        assert proc.poll() is None, f"finished before {what}: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, f"never reached {what}"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # The train worker is in a session of its own: the kernel kills it with its parent. Checked at once:
-    # an orphan would otherwise die too, but only at its next write to the closed pipe.
-    deadline = time.time() + 0.5
-    while time.time() < deadline and _workers(proc):
-        time.sleep(0.1)
-    assert not _workers(proc), f"processes outlived the killed stage ({what})"
-
-
-def _workers(proc) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                stat = (p / "stat").read_text().split()
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-            if "nash.train_worker" in cmd and str(proc.args[-1]) in cmd and stat[2] != "Z":
-                out.append(int(p.name))
-    return out
-
-
-def lines(path: Path) -> int:
-    return path.read_text().count("\n") if path.is_file() else 0
-
-
-def verdicts(path: Path) -> list[tuple]:
-    return sorted((j.prompt_id, j.candidate, j.other, j.outcome, j.score, j.winner, j.raw)
-                  for j in read_jsonl(path, Judgment))
+from tests.crash import ROOT, kill_when, lines, make_run, slow_reply, start, verdicts
+from tests.openai_server import OpenAIServer
 
 
 def test_kill_9_in_judging_training_and_annotation_then_resume(tmp_path, tiny_overrides):
     with OpenAIServer(responder=slow_reply) as server:
-        ref = make_run(tmp_path, "straight", tiny_overrides, server.url)
+        ref = make_run(tmp_path / "runs", "straight", tiny_overrides, server.url)
         p = start(ref, tmp_path / "cache-straight")
         assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
         paid_straight = len(server.requests)
         server.requests.clear()
 
-        run = make_run(tmp_path, "killed", tiny_overrides, server.url)
+        run = make_run(tmp_path / "runs", "killed", tiny_overrides, server.url)
         it = IterationDir(run, 1)
         cache = tmp_path / "cache-killed"
         # 0. Mid-sampling, after the first of three batches.
@@ -188,3 +120,50 @@ def test_keep_policies_validation():
     with pytest.raises(ConfigError, match="keep_policies"):
         load_config(None, ["run.keep_policies=0"])
     assert load_config(None, ["run.keep_policies=2"]).run.keep_policies == 2
+
+
+def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
+    from flows.cli import main
+    from nash import iteration
+    from nash.policy import resolve_policy
+
+    cfg = load_config(None, [*tiny_overrides, "run.name=rb", "run.keep_policies=2", "pairs.replay=[0.5]",
+                             "eval.promote_if=[]", "eval.drift_prompts=0", "train.kl_prompts=0"])
+    run = RunDir.create(tmp_path, cfg)
+    for _ in range(2):
+        iteration.run_iteration(str(run.path))
+    it1, it2 = run.iterations()
+    assert json.loads(run.promoted_path.read_text())["iteration"] == 2
+
+    assert main(["rollback", str(run.path), "--to", "1"]) == 0
+    assert it2.status == "rolled_back" and it2.weights_on_disk  # set aside, not deleted
+    assert it2.manifest()["rolled_back"]["from_status"] == "complete"
+    assert json.loads(run.promoted_path.read_text())["iteration"] == 1
+    out = capsys.readouterr().out
+    assert "rolled_back" in out
+
+    iteration.run_iteration(str(run.path))
+    it3 = IterationDir(run, 3)
+    m3 = it3.manifest()
+    assert it3.complete and m3["parent_policy"] == {"iteration": 1, "path": str(it1.policy)}
+    assert m3["prompt_partition"]["ids"] != it2.manifest()["prompt_partition"]["ids"]  # fresh prompts
+    replayed = {p.iteration for p in read_jsonl(it3.pairs, Pair)} - {3}
+    assert replayed <= {1} and m3["pairs"]["replayed"].keys() == {"iter_001"}, m3["pairs"]["replayed"]
+    assert 2 not in [h["iteration"] for h in json.loads(it3.metrics.read_text())["table"]]
+    # keep_policies=2 keeps iterations 1 and 3 (the lineage's last two); the rolled-back one's weights go.
+    assert not it2.weights_on_disk and it2.manifest()["policy_deleted_at"]
+    assert it2.samples.is_file() and it2.judgments.is_file() and it2.manifest()["files"]
+    assert it1.weights_on_disk and it3.weights_on_disk and not (it2.path / "policy.deleting").exists()
+
+    promoted = json.loads(run.promoted_path.read_text())["iteration"]
+    run.prune_policies(1)  # a later `nash run` with run.keep_policies=1
+    assert it3.weights_on_disk and it1.weights_on_disk == (promoted == 1)
+    if promoted != 1:
+        with pytest.raises(ConfigError, match="weights of iteration 1 were deleted by run.keep_policies"):
+            run.rollback(1)
+    with pytest.raises(ConfigError, match="not a complete iteration"):
+        run.rollback(2)
+    assert main(["status", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    assert "rolled_back" in out and "deleted" in out
+    assert resolve_policy(cfg.policy.model)  # π_0 stays the root of every lineage
