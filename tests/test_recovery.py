@@ -167,3 +167,41 @@ def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
     out = capsys.readouterr().out
     assert "rolled_back" in out and "deleted" in out
     assert resolve_policy(cfg.policy.model)  # π_0 stays the root of every lineage
+
+
+def test_rejudge_asks_only_the_failed_judgments_again(tmp_path, tiny_overrides, monkeypatch, capsys):
+    from flows.cli import main
+    from nash import iteration
+
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
+    with OpenAIServer() as server:
+        cfg = load_config(None, [*tiny_overrides, "run.name=rj", "judge.kind=openai", f"judge.base_url={server.url}",
+                                 "judge.max_retries=0", "judge.concurrency=1"])
+        run = RunDir.create(tmp_path, cfg)
+        path = iteration.prepare(str(run.path))
+        iteration.sample(path)
+        server.script = [("401",), ("401",)]  # not retried: two failed judgments
+        iteration.judge(path)
+        it = IterationDir.from_path(path)
+        before = read_jsonl(it.judgments, Judgment)
+        failed = [j for j in before if j.outcome == "failed"]
+        assert len(failed) == 2 and it.manifest()["stages"]["judge"]["failed"] == 2
+        iteration.select(path)
+        asked = len(server.requests)
+
+        assert main(["rejudge", str(run.path)]) == 0
+        after = read_jsonl(it.judgments, Judgment)
+        assert not [j for j in after if j.outcome == "failed"] and len(after) == len(before)
+        # Only the failed candidates went to the server again; their prompts' other replies came from the cache.
+        assert len(server.requests) - asked == 2
+        assert {(j.prompt_id, j.candidate): j.score for j in before if j.outcome == "scored"}.items() <= \
+            {(j.prompt_id, j.candidate): j.score for j in after}.items()
+        stages = it.manifest()["stages"]
+        assert stages["judge"]["failed"] == 0 and "select_pairs" not in stages  # redone by the next run
+        assert "asked again for 2 failed judgment(s); now 0 failed" in capsys.readouterr().err
+
+    for stage in (iteration.select, iteration.train, iteration.evaluate):
+        stage(path)
+    iteration.finalize(path)
+    assert main(["rejudge", str(run.path)]) == 2  # complete: roll back instead
+    assert "roll back to 0" in capsys.readouterr().err
