@@ -99,13 +99,16 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path
         with pytest.raises(RunLocked, match=rf"locked by pid {p.pid} on .* since "):
             with run_lock(run, "nash run"):
                 pass
-        # Through the CLI: one line naming the holder, exit status non-zero.
-        out = subprocess.run([sys.executable, "-m", "flows.cli", "rollback", str(run), "--to", "0"], cwd=ROOT,
-                             capture_output=True, text=True)
+        # Through the CLI, a second `nash run` and a rollback: one line naming the holder, exit status 2.
+        outs = [subprocess.run([sys.executable, "-m", "flows.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+                for cmd in (["run", "configs/default.yaml", "--runs-dir", str(tmp_path), "--set", "run.name=r"],
+                            ["rollback", str(run), "--to", "0"])]
     finally:
         p.kill()
         p.wait()
-    assert out.returncode != 0 and out.stderr.count("\n") == 1 and "nash: error:" in out.stderr
+    for out in outs:
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert f"nash: error: run r is locked by pid {p.pid}" in out.stderr
     assert holder(run)["pid"] == p.pid  # the dead holder's note is still there...
     with run_lock(run, "nash run"):     # ...and the lock is taken over, saying so
         assert holder(run)["pid"] == os.getpid()

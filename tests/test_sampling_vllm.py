@@ -129,7 +129,7 @@ def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
     assert not (tmp_path / "shard-00-of-02.jsonl.done").exists()
 
 
-@pytest.mark.slow  # test_killed_stage_takes_its_engine_with_it checks the orphans in the fast selection
+@pytest.mark.slow  # the fast selection checks orphans with the training worker (tests/test_recovery.py)
 def test_killed_engine_fails_the_stage_and_leaves_nothing_running(vllm_model_dir, tmp_path):
     s = make(vllm_model_dir, tmp_path)
 
@@ -166,6 +166,7 @@ VLLMSampler(model, cfg, 1, "bfloat16", Path(work)).generate(["Say hi."] * 64, Sa
 """
 
 
+@pytest.mark.slow  # two engine starts, 95 s here; the same PDEATHSIG tie is checked fast in tests/test_recovery.py
 def test_killed_stage_takes_its_engine_with_it(vllm_model_dir, tmp_path):
     """kill -9 of the process running the stage: no worker and no engine core may live on, and
     running the stage again samples what the killed one left unfinished."""
