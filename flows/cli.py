@@ -67,10 +67,35 @@ def cmd_run(args) -> int:
         return _run_locked(cfg, RunDir.create(_runs_dir(args.runs_dir), cfg))
 
 
+def _tie_temporary_server() -> None:
+    """Prefect's temporary API server dies with this process, SIGKILL included.
+
+    Prefect starts it with `subprocess.Popen` and stops it on a clean exit only; killed, `nash
+    run` left it running. Its Popen goes through nash.lifeline (PR_SET_PDEATHSIG, then exec).
+    """
+    import subprocess
+    import types
+
+    from prefect.server.api import server as api
+
+    class Tied(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def Popen(args, **kwargs):  # noqa: N802  (stands in for subprocess.Popen)
+            return subprocess.Popen([sys.executable, "-m", "nash.lifeline", *args], **kwargs)
+
+    if isinstance(getattr(api, "subprocess", None), types.ModuleType):
+        api.subprocess = Tied("subprocess")
+
+
 def _run_locked(cfg, run: RunDir) -> int:
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
     # Prefect is imported only for commands that run flows.
     from flows.round import round_flow
+
+    _tie_temporary_server()
 
     try:
         round_flow(run_dir=str(run.path), iterations=cfg.run.iterations)

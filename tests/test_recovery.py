@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +211,39 @@ def test_rejudge_asks_only_the_failed_judgments_again(tmp_path, tiny_overrides, 
     iteration.finalize(path)
     assert main(["rejudge", str(run.path)]) == 2  # complete: roll back instead
     assert "roll back to 0" in capsys.readouterr().err
+
+
+def test_killed_nash_run_takes_prefects_temporary_server_with_it(tmp_path, tiny_overrides):
+    log = tmp_path / "run.log"
+    sets = [x for o in [*tiny_overrides, "run.name=eph"] for x in ("--set", o)]
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "configs/default.yaml", "--iterations", "1",
+                              "--runs-dir", str(tmp_path), *sets], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline, port = time.time() + 240, None
+        while port is None:
+            assert p.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            found = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", log.read_text())
+            port = found and found.group(1)
+            time.sleep(0.2)
+
+        def servers():
+            return [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and _cmdline(d).startswith(
+                sys.executable) and "uvicorn" in _cmdline(d) and f"--port {port}" in _cmdline(d)]
+
+        while not servers():
+            assert time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        p.kill()  # nash alone, not its group: what it started must die with it
+        p.wait()
+    time.sleep(1)
+    assert not servers(), "Prefect's temporary server outlived the killed `nash run`"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
