@@ -172,6 +172,15 @@ class LMJudge:
             if to_send:
                 self.budget.check()
                 extra = {"weighted": self.weighted} if self.weighted else {}
+                stored: set[int] = set()
+                if self.cache is not None and getattr(self.backend, "streams_replies", False):
+                    def store(j: int, reply, to_send=to_send, keys=keys, stored=stored) -> None:
+                        i = to_send[j]
+                        if self._parses(reply, parse, i):
+                            self._store(keys[i], reply)
+                            stored.add(i)
+
+                    extra["on_reply"] = store
                 replies = self.backend.complete(
                     [[{"role": "user", "content": requests[i][0]}] for i in to_send],
                     self.cfg.temperature, self.cfg.max_tokens, **extra,
@@ -188,13 +197,25 @@ class LMJudge:
                     r["tokens_in"] += reply.tokens_in
                     r["tokens_out"] += reply.tokens_out
                     r["cost_usd"] += cost
-                    if self._accept(i, reply, parse, results) and self.cache is not None:
-                        self.cache.put(keys[i], {"text": reply.text, "tokens_in": reply.tokens_in,
-                                                 "tokens_out": reply.tokens_out})
+                    if self._accept(i, reply, parse, results) and self.cache is not None and i not in stored:
+                        self._store(keys[i], reply)
             # A transport failure already had the client's own retries; only malformed replies are re-asked.
             pending = [i for i in pending if results[i]["value"] is None and results[i]["error"]
                        and results[i]["error"].startswith("ParseError")]
         return results
+
+    def _store(self, key: str, reply: Reply) -> None:
+        self.cache.put(key, {"text": reply.text, "tokens_in": reply.tokens_in, "tokens_out": reply.tokens_out})
+
+    @staticmethod
+    def _parses(reply, parse, i: int) -> bool:
+        if isinstance(reply, Exception):
+            return False
+        try:
+            parse(reply.text, i)
+            return True
+        except ParseError:
+            return False
 
     @staticmethod
     def _accept(i: int, reply: Reply, parse, results: list[dict]) -> bool:

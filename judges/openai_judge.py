@@ -138,13 +138,27 @@ class OpenAIBackend:
         except Exception as e:  # after the retries: recorded as a failed judgment
             return RequestFailed(describe(e, self._key))
 
-    def complete(self, requests, temperature, max_tokens, weighted=None):
+    # Replies are handed to `on_reply(index, reply)` as each arrives, so the judge caches what it
+    # paid for at once: a kill then loses only the requests in flight, not finished replies that
+    # wait for the slowest of their batch.
+    streams_replies = True
+
+    def complete(self, requests, temperature, max_tokens, weighted=None, on_reply=None):
         # Weighted pairwise verdicts read the verdict token's top_logprobs, where the server returns them.
         logprobs = weighted == "pairwise"
+        return self._each(requests, lambda m: self._one(m, temperature, max_tokens, logprobs), on_reply)
+
+    def _each(self, requests, ask, on_reply=None):
+        def one(i):
+            reply = ask(requests[i])
+            if on_reply is not None:
+                on_reply(i, reply)
+            return reply
+
         if len(requests) == 1:
-            return [self._one(requests[0], temperature, max_tokens, logprobs)]
+            return [one(0)]
         with ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
-            return list(pool.map(lambda m: self._one(m, temperature, max_tokens, logprobs), requests))
+            return list(pool.map(one, range(len(requests))))
 
 
 def verdict_probability(logprobs) -> float | None:

@@ -11,7 +11,6 @@ the local backend, over the scale's tokens among the server's top 20. Requests r
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 from judges.local import (
@@ -44,9 +43,9 @@ class ServedPolicyBackend(OpenAIBackend):
         if self.server is not None:
             self.server.close()
 
-    def complete(self, requests, temperature, max_tokens, weighted=None):
+    def complete(self, requests, temperature, max_tokens, weighted=None, on_reply=None):
         if weighted is None:
-            return super().complete(requests, temperature, max_tokens)
+            return super().complete(requests, temperature, max_tokens, on_reply=on_reply)
         if weighted == "pairwise":
             prefix, ids = option_tokens(self.tokenizer, CHOICE_PREFIXES, CHOICES, ("a", "b"))
             reply = weighted_choice_reply
@@ -56,8 +55,7 @@ class ServedPolicyBackend(OpenAIBackend):
             reply = weighted_score_reply
         # The server names tokens by their text: after "Better:" option a is the token " a".
         options = {self.tokenizer.decode([i]): v for v, i in ids.items()}
-        with ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
-            return list(pool.map(lambda m: self._weighted(m, prefix, options, reply), requests))
+        return self._each(requests, lambda m: self._weighted(m, prefix, options, reply), on_reply)
 
     def _weighted(self, messages, prefix, options: dict[str, str], reply):
         with self._in_flight:

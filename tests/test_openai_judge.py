@@ -191,3 +191,19 @@ def test_requests_in_flight_never_exceed_concurrency(server, tmp_path):
     judgments, _ = judge_samples(judge, prompts, samples, tmp_path / "j.jsonl")
     assert len(judgments) == 24 and len(server.requests) == 24
     assert 1 < peak[0] <= 3
+
+
+def test_replies_are_cached_as_they_arrive_not_when_the_batch_ends(server):
+    import threading
+    import time
+
+    judge = judge_for(server, "judge.concurrency=3")
+    # The first request answers after 3 s; the other two at once, and are cached while it waits,
+    # so a kill in those 3 s would repay only the one in flight.
+    server.script = [("slow", 3.0, "Fine.\nScore: 4")]
+    done = threading.Thread(target=judge.score, args=(PROMPT, CANDS))
+    done.start()
+    time.sleep(1.5)
+    assert done.is_alive() and len(judge.cache) == 2
+    done.join()
+    assert len(judge.cache) == 3
