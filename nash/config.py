@@ -356,11 +356,24 @@ class EvalSection(Section):
         "initial",
         description="Reference outputs the win rate is taken against: 'initial' (π_0's greedy answers on the "
         "held-out split, generated once per run), or an AlpacaEval-layout set (instruction, output, generator): "
-        "a .jsonl path or 'hf:<dataset>[:split]', e.g. hf:tatsu-lab/alpaca_eval:eval.",
+        "a .json or .jsonl path, 'hf:<dataset>[:split]', or 'alpaca_eval': AlpacaEval 2.0's 805 instructions with "
+        "GPT-4-Turbo's outputs (alpaca_eval_gpt4_baseline.json of the hub dataset tatsu-lab/alpaca_eval).",
     )
     judge: JudgeSection | None = Field(None, description="Annotator; default: the run's judge (self: π_0).")
     weighted: bool = Field(True, description="LM annotators: preference from P(a) vs P(b) of the verdict "
                            "(local judges: next-token probabilities; openai: top_logprobs where the server returns them).")
+    protocol: Literal["pairwise", "alpaca_eval"] = Field(
+        "pairwise",
+        description="pairwise: nash's own annotation, the judge's pairwise prompt in both orders (LM judges) or "
+        "both outputs scored (others); alpaca_eval: AlpacaEval 2.0's annotator, run exactly as the installed "
+        "alpaca_eval package runs it (one request per instruction, preference from the top_logprobs of m and "
+        "M); needs an openai annotator (eval.judge.kind openai, any OpenAI-compatible base_url).",
+    )
+    alpaca_eval_annotator: str = Field(
+        "weighted_alpaca_eval_gpt4_turbo",
+        description="protocol alpaca_eval: the package's annotator configuration; its model (gpt-4-1106-preview) "
+        "is used unless eval.judge.model is set.",
+    )
     lc_glm: Literal["length_controlled_minimal", "length_controlled_v1"] = Field(
         "length_controlled_minimal",
         description="AlpacaEval GLM for the length-controlled win rate; v1 adds AlpacaEval's instruction "
@@ -418,6 +431,11 @@ class Config(Section):
     def _cross_section(self):
         if self.pairs.rule != "spin" and self.sampling.n + self.sampling.include_reference < 2:
             raise ValueError(f"sampling.n: pairs.rule {self.pairs.rule} needs at least 2 candidates per prompt")
+        annotator = self.eval.judge or self.judge
+        if self.eval.protocol == "alpaca_eval" and annotator.kind != "openai":
+            where = "eval.judge" if self.eval.judge else "judge (eval.judge is unset)"
+            raise ValueError(f"eval.protocol: alpaca_eval sends AlpacaEval's requests to an OpenAI-compatible "
+                             f"server, but {where} is kind {annotator.kind}; set eval.judge.kind: openai")
         if self.pairs.length_guard.action == "downweight" and self.train.loss not in PAIRED_LOSSES:
             raise ValueError(
                 f"pairs.length_guard.action: downweight works with the DPOTrainer losses "
@@ -491,7 +509,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         keys, value = parse_override(item)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # an unset optional section (eval.judge: null) is opened by --set
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item}: {k!r} is not a section")
         if keys[-1] == "kind" and node.get("kind") not in (None, value):

@@ -39,8 +39,29 @@ class ReferenceError(ValueError):
     pass
 
 
+# AlpacaEval 2.0's evaluation set: 805 instructions with GPT-4-Turbo's (gpt-4-1106-preview) outputs.
+ALPACA_EVAL_REPO = "tatsu-lab/alpaca_eval"
+ALPACA_EVAL_FILE = "alpaca_eval_gpt4_baseline.json"
+
+
+def alpaca_eval_set() -> Path:
+    """The hub file of AlpacaEval 2.0's set, from the Hugging Face cache or the hub."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(ALPACA_EVAL_REPO, ALPACA_EVAL_FILE, repo_type="dataset"))
+    except Exception as e:  # offline and not cached, or the hub refused
+        raise ReferenceError(
+            f"eval.reference: alpaca_eval: cannot get {ALPACA_EVAL_FILE} of the dataset {ALPACA_EVAL_REPO} "
+            f"({type(e).__name__}); where a hub is reachable run `huggingface-cli download {ALPACA_EVAL_REPO} "
+            f"{ALPACA_EVAL_FILE} --repo-type dataset` once, or set eval.reference to a local copy of that file "
+            "(or of results/gpt4_1106_preview/model_outputs.json in the alpaca_eval repository)") from None
+
+
 def load_reference_set(source: str, num_prompts: int) -> list[Prompt]:
     """An AlpacaEval-layout set (instruction, output, generator) as prompts with reference outputs."""
+    if source == "alpaca_eval":
+        source = str(alpaca_eval_set())
     if source.startswith("hf:"):
         import datasets
 
@@ -185,10 +206,12 @@ def win_rate(prefs: list[float | None], expected: int | None = None) -> dict:
     }
 
 
-def length_controlled(prefs: list[float], model_outputs: list[str], ref_outputs: list[str],
+def length_controlled(prefs: list[float | None], model_outputs: list[str], ref_outputs: list[str],
                       glm: str = "length_controlled_minimal", instruction_index: list[int] | None = None) -> dict:
     """AlpacaEval 2.0's length-controlled win rate on these annotations, in [0, 1].
 
+    A preference may be None (an annotation that failed): as in the package, its row counts in
+    the length standardisation and in the prediction, not in the fit.
     `length_controlled_minimal` (intercept plus tanh of the standardised length difference) is
     fitted here with the package's design-matrix and cross-validated logistic-regression code,
     so it runs offline on any set. `length_controlled_v1` adds AlpacaEval's instruction
@@ -206,9 +229,10 @@ def length_controlled(prefs: list[float], model_outputs: list[str], ref_outputs:
 def _length_controlled(prefs, model_outputs, ref_outputs, glm, instruction_index) -> dict:
     import pandas as pd
 
-    n = len(prefs)
+    n = sum(p is not None for p in prefs)
     if n < 5:
         return {"lc_win_rate": None, "lc_standard_error": None, "lc_note": f"needs at least 5 annotations, got {n}"}
+    prefs = [math.nan if p is None else p for p in prefs]
     if glm == "length_controlled_v1":
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
 
@@ -218,6 +242,8 @@ def _length_controlled(prefs, model_outputs, ref_outputs, glm, instruction_index
                 "lc_standard_error": out["lc_standard_error"] / 100, "lc_glm": glm}
     from alpaca_eval.metrics.glm_winrate import GLM_INFO, fit_LogisticRegressionCV, make_dmatrix_for_model
 
+    # The package's featurisation (`_get_featurized_data`) without its hub file, which only
+    # supplies the instruction difficulty that this formula leaves out.
     info = GLM_INFO[glm]
     delta = pd.Series([len(r) - len(m) for m, r in zip(model_outputs, ref_outputs)], dtype=float)
     if delta.std() == 0 or math.isnan(delta.std()):
@@ -229,9 +255,28 @@ def _length_controlled(prefs, model_outputs, ref_outputs, glm, instruction_index
     test = df[["instruction_difficulty", "not_gamed_baseline"]].copy()
     test["std_delta_len"] = 0
     train, x_test = make_dmatrix_for_model(df, test, formula=info["formula"])
+    train = train[train["preference"].notna()]
     model = fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, **info["kwargs"])
     predicted = pd.Series(model.predict_proba(x_test)[:, 1])
     return {"lc_win_rate": float(predicted.mean()), "lc_standard_error": float(predicted.sem()), "lc_glm": glm}
+
+
+def package_win_rate(prefs: list[float | None], expected: int | None = None) -> dict:
+    """`win_rate` computed by the `alpaca_eval` package's own `get_winrate`, in nash's keys and units."""
+    import pandas as pd
+    from alpaca_eval.metrics import get_winrate
+
+    series = pd.Series([math.nan if p is None else p for p in prefs], dtype=float)
+    m = get_winrate(pd.DataFrame({"preference": series}))
+    n = int(m["n_total"])
+    return {
+        "win_rate": m["win_rate"] / 100 if n else None,
+        "standard_error": m["standard_error"] / 100 if n > 1 else None,
+        "discrete_win_rate": m["discrete_win_rate"] / 100 if n else None,
+        "n": n, "wins": int(m["n_wins"]), "ties": int(m["n_draws"]), "losses": int(m["n_wins_base"]),
+        "failed": len(prefs) - n,
+        "unjudged": (expected - len(prefs)) if expected is not None else 0,
+    }
 
 
 def alpaca_eval_frame(prefs, model_outputs, ref_outputs, instruction_index=None, generator="policy",
@@ -279,9 +324,15 @@ def compare(judge: Judge, prompts: list[Prompt], model: list[Sample], reference:
     annotations, info = annotate(judge, prompts, model, reference, out_path, progress)
     prefs = preferences(annotations)
     order = [s for s in model if s.prompt_id in reference]
-    result = win_rate([prefs[s.prompt_id] for s in order if s.prompt_id in prefs], expected=len(order))
-    ok = [s for s in order if prefs.get(s.prompt_id) is not None]
-    result.update(length_controlled([prefs[s.prompt_id] for s in ok], [s.response for s in ok],
+    if getattr(judge, "protocol", None) == "alpaca_eval":
+        # The package's numbers: its win rate, and a failed annotation is a row without a preference.
+        result = package_win_rate([prefs[s.prompt_id] for s in order if s.prompt_id in prefs], len(order))
+        ok = [s for s in order if s.prompt_id in prefs]
+        result["alpaca_eval"] = judge.describe()
+    else:
+        result = win_rate([prefs[s.prompt_id] for s in order if s.prompt_id in prefs], expected=len(order))
+        ok = [s for s in order if prefs.get(s.prompt_id) is not None]
+    result.update(length_controlled([prefs.get(s.prompt_id) for s in ok], [s.response for s in ok],
                                     [reference[s.prompt_id] for s in ok], glm,
                                     [int(s.prompt_id[4:]) if s.prompt_id.startswith("ref-") else i
                                      for i, s in enumerate(ok)]))

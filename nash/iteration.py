@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from judges import build_judge, close_judge
+from judges import build_alpaca_eval_judge, build_judge, close_judge
 from nash import evaluation, report
 from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
@@ -251,6 +251,8 @@ def eval_judge(cfg, precision=None, work_dir=None):
     Close it with `close_judge`: with sampling.backend vllm the `self` annotator is a server.
     """
     jcfg = cfg.eval.judge or cfg.judge
+    if cfg.eval.protocol == "alpaca_eval":
+        return build_alpaca_eval_judge(jcfg, cfg.eval.alpaca_eval_annotator)
     if jcfg.kind in ("openai", "self", "hf"):
         jcfg = jcfg.model_copy(update={"protocol": "pairwise", "template": None, "weighted": cfg.eval.weighted})
     return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model), precision=precision,
