@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 from functools import cached_property
 
 from judges.base import Budget
