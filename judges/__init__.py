@@ -66,13 +66,13 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
     return LMJudge(kind, backend, cfg, cache=cache, budget=budget, concurrency=concurrency)
 
 
-def build_alpaca_eval_judge(cfg, annotator: str):
+def build_alpaca_eval_judge(cfg, annotator: str, model: str | None = None):
     """AlpacaEval 2.0's annotator `annotator` over the openai judge section `cfg` (judges.alpaca_eval)."""
     from judges.alpaca_eval import AlpacaEvalJudge
     from judges.cache import JudgmentCache, cache_key
     from nash.policy import cache_dir
 
-    judge = AlpacaEvalJudge(cfg, annotator, budget=Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd))
+    judge = AlpacaEvalJudge(cfg, annotator, model, budget=Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd))
     if cfg.cache:
         judge.cache = JudgmentCache(cache_dir() / "judgments" / f"{cache_key(judge.identity, None)[:16]}.jsonl")
     return judge

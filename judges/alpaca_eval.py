@@ -83,8 +83,8 @@ class AlpacaEvalJudge:
 
     protocol = "alpaca_eval"
 
-    def __init__(self, cfg, annotator: str = DEFAULT_ANNOTATOR, cache: JudgmentCache | None = None,
-                 budget: Budget | None = None):
+    def __init__(self, cfg, annotator: str = DEFAULT_ANNOTATOR, model: str | None = None,
+                 cache: JudgmentCache | None = None, budget: Budget | None = None):
         from judges.openai_judge import OpenAIBackend, read_api_key
 
         self.cfg = cfg
@@ -93,8 +93,8 @@ class AlpacaEvalJudge:
         self.single  # noqa: B018  (builds the package's annotator now, so that a bad config fails at start)
         request = {**_helper_defaults(), **{k: v for k, v in self.config.get("completions_kwargs", {}).items()
                                             if k not in _NOT_REQUEST}}
-        # An explicit judge model (a local OpenAI-compatible server) replaces the configuration's.
-        self.model = cfg.model if "model" in cfg.model_fields_set else self.config["completions_kwargs"]["model_name"]
+        # Another model name (a local OpenAI-compatible server) replaces the configuration's.
+        self.model = model or self.config["completions_kwargs"]["model_name"]
         self.request = request
         self.backend = OpenAIBackend(cfg.model_copy(update={"model": self.model}), read_api_key(cfg))
         self.name = f"alpaca_eval:{annotator}"

@@ -371,8 +371,11 @@ class EvalSection(Section):
     )
     alpaca_eval_annotator: str = Field(
         "weighted_alpaca_eval_gpt4_turbo",
-        description="protocol alpaca_eval: the package's annotator configuration; its model (gpt-4-1106-preview) "
-        "is used unless eval.judge.model is set.",
+        description="protocol alpaca_eval: the package's annotator configuration.",
+    )
+    alpaca_eval_model: str | None = Field(
+        None, description="protocol alpaca_eval: the annotator's model name on the server; default the "
+        "configuration's own (gpt-4-1106-preview). eval.judge.model is not used by this protocol.",
     )
     lc_glm: Literal["length_controlled_minimal", "length_controlled_v1"] = Field(
         "length_controlled_minimal",

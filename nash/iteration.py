@@ -252,7 +252,7 @@ def eval_judge(cfg, precision=None, work_dir=None):
     """
     jcfg = cfg.eval.judge or cfg.judge
     if cfg.eval.protocol == "alpaca_eval":
-        return build_alpaca_eval_judge(jcfg, cfg.eval.alpaca_eval_annotator)
+        return build_alpaca_eval_judge(jcfg, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)
     if jcfg.kind in ("openai", "self", "hf"):
         jcfg = jcfg.model_copy(update={"protocol": "pairwise", "template": None, "weighted": cfg.eval.weighted})
     return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model), precision=precision,

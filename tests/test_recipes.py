@@ -58,3 +58,31 @@ def test_dno_gpt4_recipe_against_a_loopback_server(tmp_path):
     assert all(p.chosen_score >= 5 and p.margin >= (1 if p.rejected_policy == "reference" else 2) for p in pairs)
     assert "sk-loopback-test" not in json.dumps(m)
     assert m["metrics"]["against"] == "nash-gold" and m["metrics"]["n"] + m["metrics"]["failed"] == 16
+
+
+@pytest.mark.slow
+def test_dno_gpt4_alpaca_eval_recipe_against_a_loopback_server(tmp_path):
+    """AlpacaEval 2.0's annotator on a local copy of the evaluation set (no hub here)."""
+    from nash.evaluation import GOLD_REFERENCE
+    from tests.test_alpaca_eval import next_token
+
+    rows = [json.loads(line) for line in GOLD_REFERENCE.read_text().splitlines()][:16]
+    local = tmp_path / "alpaca_eval_gpt4_baseline.json"
+    local.write_text(json.dumps([{**r, "generator": "gpt4_1106_preview"} for r in rows]))
+    with OpenAIServer() as server:
+        server.next_token = next_token
+        nash_run("dno_gpt4_alpaca_eval.yaml", tmp_path / "runs", "--set", f"judge.base_url={server.url}",
+                 "--set", f"eval.judge.base_url={server.url}", "--set", f"eval.reference={local}",
+                 "--set", "eval.lc_glm=length_controlled_minimal", "--set", "eval.max_new_tokens=64",
+                 env={"OPENAI_API_KEY": "sk-loopback-test"})
+        annotation_requests = [r["body"] for r in server.requests if r["body"].get("top_logprobs")]
+    it, m, pairs = finished(tmp_path / "runs", "dno-gpt4-alpaca-eval")
+    metrics = json.loads(it.metrics.read_text())
+    result = metrics["win_rate"]
+    assert result["n"] + result["failed"] == 16 and result["lc_glm"] == "length_controlled_minimal"
+    assert len(annotation_requests) == 16  # one request per instruction
+    assert {b["model"] for b in annotation_requests} == {"gpt-4-1106-preview"}
+    assert all(b["max_tokens"] == 1 and b["top_logprobs"] == 5 for b in annotation_requests)
+    recorded = result["alpaca_eval"]
+    assert recorded["annotator"] == "weighted_alpaca_eval_gpt4_turbo" and recorded["alpaca_eval_version"]
+    assert "sk-loopback-test" not in it.metrics.read_text()
