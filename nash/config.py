@@ -128,7 +128,7 @@ class SamplingSection(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(96, ge=1)
-    batch_size: int = Field(64, ge=1, description="Sequences per generate() call.")
+    batch_size: int = Field(128, ge=1, description="Sequences per generate() call.")
     include_reference: bool = Field(
         False, description="Add each prompt's gold answer as one more candidate, judged side by side (DNO)."
     )
@@ -335,7 +335,7 @@ class TrainSection(Section):
         "python", description="Training runs in a subprocess: plain python, or `accelerate launch` (multi-GPU)."
     )
     num_processes: int = Field(1, ge=1, description="accelerate: processes (GPUs).")
-    kl_prompts: int = Field(32, ge=0, description="Training prompts on which KL(π_{t+1} || π_t) is measured (0: skip).")
+    kl_prompts: int = Field(16, ge=0, description="Training prompts on which KL(π_{t+1} || π_t) is measured (0: skip).")
 
     @model_validator(mode="after")
     def _loss_options(self):
