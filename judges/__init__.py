@@ -32,9 +32,8 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
         return CompositeJudge([build_judge(c, policy_path, precision, sampling, work_dir) for c in cfg.components],
                               cfg.weights,
                               cfg.combine)
-    from judges.cache import JudgmentCache, cache_key
+    from judges.cache import judgment_cache
     from judges.lm import LMJudge
-    from nash.policy import cache_dir
 
     budget = Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd)
     if kind == "openai":
@@ -60,21 +59,18 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
             backend, concurrency = LocalBackend(model, precision.inference_dtype, cfg.batch_size), 1
     else:
         raise ValueError(f"judge.kind: unknown judge {kind!r}")
-    cache = None
-    if cfg.cache:
-        cache = JudgmentCache(cache_dir() / "judgments" / f"{cache_key(backend.identity, None)[:16]}.jsonl")
+    cache = judgment_cache(backend.identity) if cfg.cache else None
     return LMJudge(kind, backend, cfg, cache=cache, budget=budget, concurrency=concurrency)
 
 
 def build_alpaca_eval_judge(cfg, annotator: str, model: str | None = None):
     """AlpacaEval 2.0's annotator `annotator` over the openai judge section `cfg` (judges.alpaca_eval)."""
     from judges.alpaca_eval import AlpacaEvalJudge
-    from judges.cache import JudgmentCache, cache_key
-    from nash.policy import cache_dir
+    from judges.cache import judgment_cache
 
     judge = AlpacaEvalJudge(cfg, annotator, model, budget=Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd))
-    if cfg.cache:
-        judge.cache = JudgmentCache(cache_dir() / "judgments" / f"{cache_key(judge.identity, None)[:16]}.jsonl")
+    if cfg.cache:  # keyed by the judge's identity, which includes the package's template and request
+        judge.cache = judgment_cache(judge.identity)
     return judge
 
 

@@ -21,7 +21,7 @@ import hashlib
 import inspect
 from functools import cached_property
 
-from judges.base import Budget
+from judges.base import Budget, request_cost
 from judges.cache import JudgmentCache, cache_key
 from nash.records import Judgment, Prompt
 
@@ -205,7 +205,7 @@ class AlpacaEvalJudge:
         tokens_in = resp.usage.prompt_tokens if resp.usage else 0
         tokens_out = resp.usage.completion_tokens if resp.usage else 0
         completion["total_tokens"] = resp.usage.total_tokens if resp.usage else 0
-        cost = (tokens_in * self.cfg.price_input_per_mtok + tokens_out * self.cfg.price_output_per_mtok) / 1e6
+        cost = request_cost(self.cfg, tokens_in, tokens_out)
         self.budget.add(tokens_in + tokens_out, cost)
         usage.update(requests=1, tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost)
         return completion, None

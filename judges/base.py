@@ -24,6 +24,11 @@ class Judge(Protocol):
         ...
 
 
+def request_cost(cfg, tokens_in: int, tokens_out: int) -> float:
+    """USD for one request at the judge section's prices per million tokens."""
+    return (tokens_in * cfg.price_input_per_mtok + tokens_out * cfg.price_output_per_mtok) / 1e6
+
+
 class BudgetExhausted(RuntimeError):
     """Raised before a request that the judging budget no longer allows."""
 

@@ -22,6 +22,13 @@ def cache_key(identity: dict, request: object, repeat: int = 0) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def judgment_cache(identity: dict) -> JudgmentCache:
+    """The cache of the judge whose replies `identity` determines, under nash's cache directory."""
+    from nash.policy import cache_dir
+
+    return JudgmentCache(cache_dir() / "judgments" / f"{cache_key(identity, None)[:16]}.jsonl")
+
+
 class JudgmentCache:
     def __init__(self, path: Path):
         self.path = Path(path)

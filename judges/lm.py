@@ -24,7 +24,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Protocol
 
-from judges.base import Budget
+from judges.base import Budget, request_cost
 from judges.cache import JudgmentCache, cache_key
 from nash.records import USAGE, Judgment, Prompt
 
@@ -143,7 +143,7 @@ class LMJudge:
     # -- requests: cache, budget, re-asking ---------------------------------------------
 
     def _cost(self, reply: Reply) -> float:
-        return (reply.tokens_in * self.cfg.price_input_per_mtok + reply.tokens_out * self.cfg.price_output_per_mtok) / 1e6
+        return request_cost(self.cfg, reply.tokens_in, reply.tokens_out)
 
     def _ask(self, requests: list[tuple[str, int]], parse: Callable[[str, int], object]) -> list[dict]:
         """Ask each (text, repeat) request until its reply parses or the re-asks run out.
