@@ -75,7 +75,8 @@ def main() -> None:
     if args.samples:
         samples = read_jsonl(args.samples, Sample)
     else:
-        from nash.sampling import SamplingParams, TransformersSampler
+        from nash.sampling import SamplingParams
+        from nash.sampling.hf import TransformersSampler
 
         chosen = [p for p in prompts.values() if p.split == "train"][:32]
         outs = TransformersSampler(resolve_policy(EMBEDDED)).generate([p.text for p in chosen], SamplingParams(n=4))

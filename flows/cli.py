@@ -20,15 +20,10 @@ import sys
 from pathlib import Path
 
 from nash.config import ConfigError, load_config
-from nash.constraints import ConstraintError
-from nash.evaluation import ReferenceError
-from nash.iteration import preflight
-from nash.policy import PolicyError
-from nash.prompts import PromptError
-from nash.records import RecordError
-from nash.registry import RunDir, iteration_row
-from nash.report import format_table
-from nash.runlock import RunLocked, run_lock
+from nash.errors import UserError
+from nash.registry import RunDir
+from nash.report import format_table, iteration_row
+from nash.runlock import run_lock
 
 # The temporary server would otherwise try to send usage telemetry, which fails offline
 # and races the server's own SQLite writes at start-up.
@@ -37,34 +32,32 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's 20 s default on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-USER_ERRORS = (ConfigError, PolicyError, PromptError, RecordError, ConstraintError, ReferenceError, FileNotFoundError,
-               RunLocked)
-
-
 def _runs_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get("NASH_RUNS_DIR", "runs"))
 
 
-def _load(args):
-    """Config from file and flags, checked before anything is created."""
+def _config(args):
     overrides = list(args.set or [])
     if args.iterations is not None:
         overrides.append(f"run.iterations={args.iterations}")
-    cfg = load_config(args.config, overrides)
-    preflight(cfg, RunDir(_runs_dir(args.runs_dir) / cfg.run.name))
-    return cfg
+    return load_config(args.config, overrides)
 
 
-def _open_run(args):
-    """The checked config, then its run directory."""
-    cfg = _load(args)
-    return cfg, RunDir.create(_runs_dir(args.runs_dir), cfg)
+def _open_run(args, cfg):
+    """The run directory, once everything that can fail before the first paid stage has been checked."""
+    from nash.preflight import preflight
+
+    run = RunDir(_runs_dir(args.runs_dir) / cfg.run.name)
+    run.check_config(cfg)
+    preflight(cfg, run)
+    return RunDir.create(_runs_dir(args.runs_dir), cfg)
 
 
 def cmd_run(args) -> int:
-    cfg = _load(args)
+    cfg = _config(args)
+    # The lock first: a second writer is refused before anything is loaded or converted.
     with run_lock(_runs_dir(args.runs_dir) / cfg.run.name, "nash run"):
-        return _run_locked(cfg, RunDir.create(_runs_dir(args.runs_dir), cfg))
+        return _run_locked(cfg, _open_run(args, cfg))
 
 
 def _tie_temporary_server() -> None:
@@ -115,7 +108,8 @@ def _run_locked(cfg, run: RunDir) -> int:
 def cmd_serve(args) -> int:
     if args.interval is not None and args.interval <= 0:
         raise ConfigError(f"--interval: expected a number of seconds > 0, got {args.interval:g}")
-    cfg, run = _open_run(args)
+    cfg = _config(args)
+    run = _open_run(args, cfg)
     from prefect import serve
 
     from flows.round import round_deployment
@@ -150,12 +144,12 @@ def cmd_eval(args) -> int:
 
 def _eval_locked(args, run: RunDir) -> int:
     from judges import close_judge
-    from nash import iteration, report
+    from nash import evaluation, report
     from nash.records import write_json
 
     its = [it for it in run.iterations() if it.complete and (args.iteration is None or it.index == args.iteration)]
     if args.iteration is not None and not its:
-        raise ReferenceError(f"--iteration {args.iteration}: no complete iteration {args.iteration} in {run.path}")
+        raise UserError(f"--iteration {args.iteration}: no complete iteration {args.iteration} in {run.path}")
     heads = []
     judge = None
     try:
@@ -168,8 +162,8 @@ def _eval_locked(args, run: RunDir) -> int:
                 if args.against == it.path.name:
                     continue
                 if judge is None:
-                    judge = iteration.eval_judge(run.config(), it.precision(), run.path / "judge_server")
-                r = iteration.compare_iteration(it, args.against, judge_=judge)
+                    judge = evaluation.eval_judge(run.config(), it.precision(), run.path / "judge_server")
+                r = evaluation.compare_iteration(it, args.against, judge_=judge)
                 write_json(it.eval_dir / f"vs_{args.against}" / "summary.json", r)
                 head = {**head, **report.comparison_headline(r)}
             heads.append(head)
@@ -186,14 +180,14 @@ def _eval_locked(args, run: RunDir) -> int:
 
 def cmd_samples(args) -> int:
     """Held-out answers of π_0, the previous and the chosen iteration (default: the last complete) side by side."""
-    from nash import iteration, report
+    from nash import evaluation, report
 
     run = _find_run(args)
     its = [it for it in run.iterations() if it.complete and (args.iteration is None or it.index == args.iteration)]
     if not its:
         which = f"iteration {args.iteration}" if args.iteration is not None else "iteration"
-        raise ReferenceError(f"no complete {which} in {run.path}")
-    rows = iteration.side_by_side(its[-1], args.n)
+        raise UserError(f"no complete {which} in {run.path}")
+    rows = evaluation.answers_side_by_side(its[-1], args.n)
     print(f"run {run.name}: {its[-1].path.name}, {len(rows)} held-out prompts, greedy answers")
     print(report.samples_text(rows))
     return 0
@@ -221,12 +215,9 @@ def cmd_rejudge(args) -> int:
         its = [it for it in run.iterations() if not it.rolled_back
                and (args.iteration is None or it.index == args.iteration)]
         if not its:
-            raise ReferenceError(f"no iteration to rejudge in {run.path}")
+            raise UserError(f"no iteration to rejudge in {run.path}")
         it = its[-1]
-        try:
-            n = iteration.reopen_failed_judgments(it)
-        except RuntimeError as e:
-            raise ReferenceError(str(e)) from None
+        n = iteration.reopen_failed_judgments(it)
         if n:
             iteration.judge(str(it.path))
         counts = iteration.outcome_counts(iteration.read_jsonl(it.judgments, iteration.Judgment)) \
@@ -303,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"nash: error: {e}", file=sys.stderr)
         return 2
 

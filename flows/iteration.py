@@ -16,9 +16,10 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from nash import evaluation, report
 from nash import iteration as stages
-from nash import report
-from nash.registry import IterationDir, iteration_row
+from nash.registry import IterationDir
+from nash.report import iteration_row
 
 
 def artifact_key(*parts: str) -> str:
@@ -84,7 +85,7 @@ def iteration_flow(iter_dir: str) -> str:
     create_table_artifact(metrics["table"], key=artifact_key("nash", run_name, "eval"),
                           description=f"{run_name}: evaluation of every iteration so far")
     it = IterationDir.from_path(iter_dir)
-    create_markdown_artifact(report.samples_markdown(stages.side_by_side(it), f"{run_name} {it.path.name}: "
+    create_markdown_artifact(report.samples_markdown(evaluation.answers_side_by_side(it), f"{run_name} {it.path.name}: "
                                                      "answers side by side"),
                              key=artifact_key("nash", run_name, Path(iter_dir).name, "samples"),
                              description=f"{iter_dir}: held-out answers of π_0, the previous and this iteration")

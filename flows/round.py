@@ -13,7 +13,8 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from flows.iteration import artifact_key, iteration_flow
 from nash import iteration as stages
 from nash import report
-from nash.registry import IterationDir, RunDir, iteration_row
+from nash.registry import IterationDir, RunDir
+from nash.report import iteration_row
 from nash.runlock import run_lock
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from judges.base import Budget, BudgetExhausted, Judge
+from nash.errors import UserError
 
 
 def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=None, work_dir=None) -> Judge:
@@ -37,7 +38,8 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
 
     budget = Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd)
     if kind == "openai":
-        from judges.openai_judge import OpenAIBackend, read_api_key
+        from judges.openai_judge import OpenAIBackend
+        from nash.openai_client import read_api_key
 
         backend, concurrency = OpenAIBackend(cfg, read_api_key(cfg)), cfg.concurrency
     elif kind in ("self", "hf"):
@@ -63,6 +65,51 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
     return LMJudge(kind, backend, cfg, cache=cache, budget=budget, concurrency=concurrency)
 
 
+def check_judge(cfg, section: str, sampling=None, prompts=(), annotating: bool = False) -> None:
+    """What building the judge of `cfg` needs, checked without loading a model or paying a request.
+
+    Raises a UserError naming `section.key`: a key or Prefect Secret that is missing, a server that
+    does not answer or refuses the key, a model directory without weights or tokenizer, a template
+    that cannot be read, a rules judge over `prompts` that carry no constraints. `annotating`: the
+    evaluation's annotator, which LM judges run with the pairwise protocol.
+    """
+    from nash.models import check_model
+    from nash.policy import resolve_policy
+
+    kind = cfg.kind
+    if kind == "composite":
+        for i, c in enumerate(cfg.components):
+            check_judge(c, f"{section}.components[{i}]", sampling, prompts, annotating)
+    elif kind == "rules":
+        from judges.rules import check_prompts
+
+        check_prompts(list(prompts), f"{section}.kind", "evaluation" if annotating else "training")
+    elif kind == "quality":
+        from judges.quality import resolve_embedder
+
+        check_model(resolve_embedder(cfg.embedder), f"{section}.embedder")
+    elif kind == "reward_model":
+        check_model(resolve_policy(cfg.model), f"{section}.model")
+    if kind in ("openai", "self", "hf"):
+        from judges.lm import template_path
+
+        path = template_path(None if annotating else cfg.template, "pairwise" if annotating else cfg.protocol)
+        try:
+            path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{section}.template: cannot read {path}: {e}") from None
+    if kind == "openai":
+        from nash.openai_client import make_client, probe_server, read_api_key
+
+        probe_server(make_client(read_api_key(cfg, section), cfg.base_url, 10.0, 0), section)
+    elif kind == "hf":
+        check_model(resolve_policy(cfg.model), f"{section}.model")
+    elif kind == "self" and sampling is not None and sampling.backend == "vllm":
+        from nash.vllm_engine import check_engine
+
+        check_engine(sampling.vllm, 1)
+
+
 def build_alpaca_eval_judge(cfg, annotator: str, model: str | None = None):
     """AlpacaEval 2.0's annotator `annotator` over the openai judge section `cfg` (judges.alpaca_eval)."""
     from judges.alpaca_eval import AlpacaEvalJudge
@@ -82,4 +129,4 @@ def close_judge(judge) -> None:
             backend.close()
 
 
-__all__ = ["Budget", "BudgetExhausted", "Judge", "build_alpaca_eval_judge", "build_judge", "close_judge"]
+__all__ = ["Budget", "BudgetExhausted", "Judge", "build_alpaca_eval_judge", "build_judge", "check_judge", "close_judge"]

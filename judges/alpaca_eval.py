@@ -23,6 +23,7 @@ from functools import cached_property
 
 from judges.base import Budget, request_cost
 from judges.cache import JudgmentCache, cache_key
+from nash.errors import UserError
 from nash.records import Judgment, Prompt
 
 DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -33,7 +34,7 @@ _NOT_REQUEST = {"model_name", "tokens_to_favor", "tokens_to_avoid", "is_skip_mul
                 "client_kwargs", "n_retries"}
 
 
-class AlpacaEvalConfigError(ValueError):
+class AlpacaEvalConfigError(UserError, ValueError):
     pass
 
 
@@ -85,7 +86,8 @@ class AlpacaEvalJudge:
 
     def __init__(self, cfg, annotator: str = DEFAULT_ANNOTATOR, model: str | None = None,
                  cache: JudgmentCache | None = None, budget: Budget | None = None):
-        from judges.openai_judge import OpenAIBackend, read_api_key
+        from judges.openai_judge import OpenAIBackend
+        from nash.openai_client import read_api_key
 
         self.cfg = cfg
         self.annotator = annotator
@@ -188,7 +190,7 @@ class AlpacaEvalJudge:
                                                                  "switched": switched}, **usage)
 
     def _request(self, messages: list[dict], usage: dict) -> tuple[dict | None, str | None]:
-        from judges.openai_judge import create_completion, describe
+        from nash.openai_client import create_completion, describe
 
         self.budget.check()
         try:

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from judges.base import Budget, request_cost
 from judges.cache import JudgmentCache, cache_key
+from nash.errors import UserError
 from nash.records import USAGE, Judgment, Prompt
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -112,6 +113,10 @@ def candidate_ids(k: int) -> list[str]:
     return [string.ascii_uppercase[i] if i < 26 else f"C{i}" for i in range(k)]
 
 
+def template_path(template: str | None, protocol: str) -> Path:
+    return Path(template) if template else PROMPTS_DIR / DEFAULT_TEMPLATES[protocol]
+
+
 class LMJudge:
     SCALES = {"pointwise": (0.0, 5.0), "batched": (1.0, 6.0), "pairwise": (0.0, 1.0)}
 
@@ -121,9 +126,9 @@ class LMJudge:
         self.backend = backend
         self.cfg = cfg
         self.protocol = cfg.protocol
-        path = Path(cfg.template) if cfg.template else PROMPTS_DIR / DEFAULT_TEMPLATES[cfg.protocol]
+        path = template_path(cfg.template, cfg.protocol)
         if not path.is_file():
-            raise FileNotFoundError(f"judge.template: file not found: {path}")
+            raise UserError(f"judge.template: file not found: {path}")
         self.template = string.Template(path.read_text(encoding="utf-8"))
         self.cache = cache
         self.budget = budget or Budget()

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from judges.lm import Reply
-from nash.sampling import SamplingParams, TransformersSampler
+from nash.sampling import SamplingParams
+from nash.sampling.hf import TransformersSampler
 
 SCORE_PREFIXES = ("Score: ", "Score:")
 
@@ -101,6 +102,8 @@ def option_tokens(tok, prefixes, options, required) -> tuple[str, dict[str, int]
 def weighted_score_reply(prefix: str, probs: dict[str, float], n_in: int) -> Reply:
     """The probability-weighted mean of the scale's values (`probs`: value -> next-token probability)."""
     mass = sum(probs.values())
+    if not mass > 0:  # no probability on the scale (or NaN logits): a reply that does not parse
+        return Reply(text=f"(no probability on the scale: {mass})", tokens_in=n_in, tokens_out=1)
     e = sum(p * int(v) for v, p in probs.items()) / mass
     low, high = min(map(int, probs)), max(map(int, probs))
     return Reply(text=f"{prefix}{e:.4f}\n(weighted over {low}..{high}; probability on the scale {mass:.3f})",
@@ -110,6 +113,8 @@ def weighted_score_reply(prefix: str, probs: dict[str, float], n_in: int) -> Rep
 def weighted_choice_reply(prefix: str, p: dict[str, float], n_in: int) -> Reply:
     """Pairwise: P(a) against P(b) (a tie token, where it is one token, counts half)."""
     mass = sum(p.values())
+    if not mass > 0:
+        return Reply(text=f"(no probability on the options: {mass})", tokens_in=n_in, tokens_out=1)
     p_a = (p["a"] + 0.5 * p.get("tie", 0.0)) / mass
     verdict = "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
     return Reply(text=f"{prefix}{verdict}\n(p_a={p_a:.6f}; probability on the options {mass:.3f})",

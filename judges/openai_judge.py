@@ -1,114 +1,29 @@
-"""The `openai` judge backend: the OpenAI client against api.openai.com or any
-OpenAI-compatible server (`vllm serve`, llama.cpp server, Ollama) through `base_url`.
+"""The `openai` judge backend: GPT-4 at api.openai.com or any OpenAI-compatible server
+(`vllm serve`, llama.cpp server, Ollama) through `base_url`.
 
-Retries on 429, 5xx, timeouts and dropped connections are the client's own: exponential
-backoff with jitter, honouring `Retry-After`. A 200 whose body cannot be decoded is asked again
-by `create_completion`, as many times. The API key comes from the environment variable named
-in `judge.api_key_env`, or from a Prefect Secret block named in `judge.api_key_secret`; it is
-held by the client only and scrubbed from any error text that is recorded.
+The key, the client, its retries and the scrubbing of the key from errors are
+nash.openai_client's, shared with the server sampler and AlpacaEval's annotator.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from judges.lm import Reply
-
-
-class MissingAPIKey(ValueError):
-    pass
+from nash.openai_client import create_completion, describe, make_client
 
 
 class RequestFailed(RuntimeError):
     pass
 
 
-class UndecodableReply(RuntimeError):
-    """Every try was answered with a body that is not a chat completion."""
-
-
-class NotACompletion(ValueError):
-    pass
-
-
-# Between tries of an undecodable reply: BACKOFF_BASE_S doubling up to BACKOFF_CAP_S, less 0-50% jitter.
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 8.0
-
-
-def read_api_key(cfg, section: str = "judge") -> str:
-    if cfg.api_key_secret:
-        from prefect.blocks.system import Secret
-
-        return Secret.load(cfg.api_key_secret).get()
-    key = os.environ.get(cfg.api_key_env)
-    if key:
-        return key
-    if cfg.base_url:
-        return "EMPTY"  # local OpenAI-compatible servers usually take any key
-    raise MissingAPIKey(
-        f"{section}.api_key_env: environment variable {cfg.api_key_env} is not set "
-        f"(or set {section}.api_key_secret to a Prefect Secret block)"
-    )
-
-
-def scrub(text: str, key: str | None) -> str:
-    """`text` with the API key masked, for anything recorded or raised."""
-    return text.replace(key, "***") if key and key != "EMPTY" else text
-
-
-def describe(e: BaseException, key: str | None) -> str:
-    """`Type: message` of an error, with the cause the client's own message leaves out, key masked."""
-    text = f"{type(e).__name__}: {e}"
-    cause = e.__cause__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text += f" ({type(cause).__name__}: {cause})"  # e.g. "Connection error. (RemoteProtocolError: ...)"
-    return scrub(text, key)
-
-
-def _completion(resp):
-    choices = getattr(resp, "choices", None)
-    if not isinstance(choices, list) or not choices or any(getattr(c, "message", None) is None for c in choices):
-        body = resp.model_dump_json(exclude_unset=True) if hasattr(resp, "model_dump_json") else repr(resp)
-        raise NotACompletion(f"a reply that is not a chat completion: {body[:200]}")
-    return resp
-
-
-def create_completion(client, key: str | None, **request):
-    """`client.chat.completions.create(**request)`, asked again while the reply cannot be decoded.
-
-    The client retries 429, 5xx, timeouts and dropped connections itself (`client.max_retries`),
-    but it decodes a 200's body after its retry loop: a body cut short, one that is not JSON, or
-    JSON that is not a chat completion would reach the caller at once. Those are asked again up to
-    `max_retries` times, with exponential backoff and jitter, then raise UndecodableReply naming
-    the last one. Other errors (400, 401, 404, the client's retries spent) pass through.
-    """
-    import openai
-
-    tries = client.max_retries + 1
-    for attempt in range(tries):
-        try:
-            return _completion(client.chat.completions.create(**request))
-        except (json.JSONDecodeError, NotACompletion, openai.APIResponseValidationError) as e:
-            if attempt + 1 == tries:
-                raise UndecodableReply(f"no decodable reply in {tries} tries; the last: {describe(e, key)}") from None
-            time.sleep(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0))
-
-
 class OpenAIBackend:
     def __init__(self, cfg, api_key: str):
-        import openai
-
         self.identity = {"kind": "openai", "model": cfg.model, "base_url": cfg.base_url}
         self._key = api_key
-        self.client = openai.OpenAI(api_key=api_key, base_url=cfg.base_url, timeout=cfg.timeout_s,
-                                    max_retries=cfg.max_retries)
+        self.client = make_client(api_key, cfg.base_url, cfg.timeout_s, cfg.max_retries)
         self.model = cfg.model
         self.concurrency = cfg.concurrency
         # Prompts are judged `concurrency` at a time and each may send several requests:

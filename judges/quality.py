@@ -18,12 +18,13 @@ import threading
 from pathlib import Path
 
 from nash import quality
+from nash.errors import UserError
 from nash.records import Judgment, Prompt
 
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
 
 
-class EmbedderError(ValueError):
+class EmbedderError(UserError, ValueError):
     pass
 
 
@@ -43,12 +44,11 @@ class Embedder:
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of MiniLM)."""
 
     def __init__(self, spec: str, dtype: str = "float32", batch_size: int = 64, max_length: int = 256):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        from nash.models import load_encoder, load_tokenizer
 
         path = resolve_embedder(spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_encoder(path, dtype)
         self.vocab = {w for w in self.tokenizer.get_vocab() if w.isalpha()}
         self.batch_size, self.max_length = batch_size, max_length
         self._lock = threading.Lock()

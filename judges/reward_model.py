@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from nash.records import Judgment, Prompt
 
 
@@ -11,19 +13,16 @@ class RewardModelJudge:
 
     def __init__(self, cfg):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from nash.models import load_reward_model, load_tokenizer
         from nash.policy import resolve_policy
         from nash.precision import resolve
 
         path = resolve_policy(cfg.model)
         self.precision = resolve(cfg.precision)
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=getattr(torch, self.precision.inference_dtype)).to(self.precision.device).eval()
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_reward_model(path, self.precision.inference_dtype, self.precision.device)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.model.config.num_labels != 1:
@@ -31,10 +30,9 @@ class RewardModelJudge:
         self.cfg = cfg
 
     def _text(self, prompt: str, response: str) -> str:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return f"{prompt}\n\n{response}"
+        from nash.models import chat_text
+
+        return chat_text(self.tokenizer, prompt, response)
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
         texts = [self._text(prompt.text, c) for c in candidates]
@@ -46,5 +44,8 @@ class RewardModelJudge:
                 scores += self.model(**enc).logits[:, 0].float().tolist()
         return [
             Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="scored", score=s)
+            if math.isfinite(s) else
+            Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="failed",
+                     error=f"the reward model gave {s}, not a finite score")
             for k, s in enumerate(scores)
         ]

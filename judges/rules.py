@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from nash import constraints
+from nash.errors import UserError
 from nash.records import Judgment, Prompt
+
+
+def check_prompts(prompts: list[Prompt], section: str, where: str) -> None:
+    """A rules judge scores the share of a prompt's constraints met: a prompt without any cannot be judged."""
+    from nash.prompts import name_prompts
+
+    bare = [p for p in prompts if not p.constraints]
+    if bare:
+        raise UserError(f"{section}: a rules judge checks each prompt's constraints, but {len(bare)} {where} "
+                        f"prompt(s) have none: " + name_prompts(bare, lambda p: "no 'constraints'")
+                        + "; give each prompt a 'constraints' list or choose another judge")
 
 
 class RulesJudge:

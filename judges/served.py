@@ -22,7 +22,8 @@ from judges.local import (
     weighted_choice_reply,
     weighted_score_reply,
 )
-from judges.openai_judge import OpenAIBackend, RequestFailed, create_completion, describe, read_api_key
+from judges.openai_judge import OpenAIBackend, RequestFailed
+from nash.openai_client import create_completion, describe, read_api_key
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's limit
 
@@ -30,13 +31,13 @@ TOP_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's limit
 class ServedPolicyBackend(OpenAIBackend):
     def __init__(self, model_path: str, base_url: str, model: str, api_key: str, concurrency: int,
                  timeout_s: float = 600.0, max_retries: int = 3, server=None, dtype: str = "auto"):
-        from transformers import AutoTokenizer
+        from nash.models import load_tokenizer
 
         cfg = SimpleNamespace(model=model, base_url=base_url, timeout_s=timeout_s, max_retries=max_retries,
                               concurrency=concurrency)
         super().__init__(cfg, api_key)
         self.identity = model_identity(model_path, "served", dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.server = server
 
     def close(self) -> None:
@@ -84,7 +85,7 @@ def served_policy_backend(sampling, model_path: str, dtype: str, concurrency: in
         return ServedPolicyBackend(model_path, s.base_url, s.model.replace("{policy}", model_path),
                                    read_api_key(s, "sampling.server"), concurrency, s.timeout_s, s.max_retries,
                                    dtype=dtype)
-    from nash.sampling import VLLMServer
+    from nash.vllm_engine import VLLMServer
 
     server = VLLMServer(model_path, sampling.vllm, dtype, work_dir).start()
     try:

@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nash.errors import UserError
 from nash.policy import EMBEDDED
 from nash.precision import misfit
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -34,7 +35,7 @@ UNHASHED = ("iterations", "keep_policies")  # run keys a command may change on a
 
 
 class RunSection(Section):
-    name: str = Field("default", description="Run directory name under --runs-dir.")
+    name: str = Field("demo", description="Run directory name under --runs-dir; a different config needs its own.")
     iterations: int = Field(2, ge=1, description="Iterations per `nash run`.")
     seed: int = Field(0, description="Seed for sampling and training.")
     keep_policies: Literal["all"] | int = Field(
@@ -76,7 +77,7 @@ class PromptsSection(Section):
     field: str = Field("prompt", description="Prompt text column of a JSONL or HF source.")
     reference_field: str = Field("reference", description="Column of gold answers, when the source has one.")
     seed: int = Field(0, description="Seed of the built-in set and of the partition shuffle.")
-    partition_size: int = Field(48, ge=1, description="Fresh training prompts per iteration.")
+    partition_size: int = Field(64, ge=1, description="Fresh training prompts per iteration.")
 
 
 class VLLMSection(Section):
@@ -273,8 +274,9 @@ class PairsSection(Section):
         description="dno: large-margin rule below; max_min: highest vs lowest, ties skipped (Self-Rewarding); "
         "spin: the gold answer chosen over the policy's sample, no judge (SPIN).",
     )
-    min_chosen_score: float = Field(0.5, description="dno: chosen must score at least this.")
-    min_margin: float = Field(0.5, gt=0.0, description="dno: chosen minus rejected must be at least this.")
+    min_chosen_score: float = Field(0.75, description="dno: chosen must score at least this (the default judge: "
+                                    "a real answer meeting at least half its constraints).")
+    min_margin: float = Field(0.25, gt=0.0, description="dno: chosen minus rejected must be at least this.")
     teacher_margin: float | None = Field(
         None, gt=0.0,
         description="dno: the margin when a policy sample is chosen over the gold answer (DNO: 1 where "
@@ -320,8 +322,8 @@ class TrainSection(Section):
     reference: Literal["previous", "initial"] = Field(
         "previous", description="previous: π_t, the policy that sampled the candidates; initial: π_0."
     )
-    learning_rate: float = Field(5e-6, gt=0.0)
-    epochs: float = Field(1.0, gt=0.0)
+    learning_rate: float = Field(5e-5, gt=0.0)
+    epochs: float = Field(2.0, gt=0.0)
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(256, ge=16, description="Prompt plus completion tokens; longer pairs are truncated.")
@@ -425,7 +427,10 @@ class Config(Section):
     policy: PolicySection = PolicySection()
     prompts: PromptsSection = PromptsSection()
     sampling: SamplingSection = SamplingSection()
-    judge: JudgeSection = RulesJudge()
+    judge: JudgeSection = Field(
+        default_factory=lambda: CompositeJudge(kind="composite", combine="gated",
+                                               components=[QualityJudge(kind="quality"), RulesJudge()]),
+        description="Default: constraints pay only on real answers, quality x (1 + rules) / 2.")
     pairs: PairsSection = PairsSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()

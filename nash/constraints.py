@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nash.errors import UserError
+
 _BULLET = re.compile(r"^\s*[-*•]\s+\S")
 
 
@@ -91,7 +93,7 @@ KINDS: dict[str, ConstraintKind] = {
 }
 
 
-class ConstraintError(ValueError):
+class ConstraintError(UserError, ValueError):
     pass
 
 

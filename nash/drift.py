@@ -8,12 +8,10 @@ response tokens. Exact at each position, so no sampling noise on top of the choi
 
 from __future__ import annotations
 
-
-def _load(path: str, dtype: str, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+from nash.errors import UserError
+from nash.models import chat_text, load_causal_lm, load_tokenizer
+from nash.precision import default_device
+from nash.records import read_lines
 
 
 def _pad(rows: list[list[int]], value: int, device):
@@ -30,8 +28,7 @@ def _encode(tok, prompts: list[str], responses: list[str], max_length: int):
     """Chat-formatted prompt + response token ids, and which positions are response tokens."""
     rows = []
     for prompt, response in zip(prompts, responses):
-        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       tokenize=False)
+        head = chat_text(tok, prompt)  # as the sampler formatted it
         p_ids = tok(head, add_special_tokens=False)["input_ids"]
         r_ids = tok(response, add_special_tokens=False)["input_ids"]
         ids = (p_ids + r_ids)[:max_length]
@@ -48,12 +45,11 @@ def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str],
     KL of 32 answers from 42 s to 23-29 s for the same figure to 1e-8.
     """
     import torch
-    from transformers import AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(p_path)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    p_model, q_model = _load(p_path, dtype, device), _load(q_path, dtype, device)
+    device = default_device()
+    tok = load_tokenizer(p_path)
+    pad = tok.pad_token_id
+    p_model, q_model = load_causal_lm(p_path, dtype, device), load_causal_lm(q_path, dtype, device)
     rows = sorted((r for r in _encode(tok, prompts, responses, max_length) if sum(r[1]) > 0), key=lambda r: len(r[0]))
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
@@ -80,15 +76,19 @@ def load_texts(source: str = "builtin") -> list[str]:
 
     path = Path(__file__).parent / "data" / "general_text.jsonl" if source == "builtin" else Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"eval.drift_text: file not found: {source}")
+        raise UserError(f"eval.drift_text: file not found: {source}")
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
+    for where, line in read_lines(path, "eval.drift_text"):
+        if line.strip():
+            try:
                 row = json.loads(line)
-                if not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: missing 'text' (eval.drift_text)")
-                texts.append(row["text"])
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: invalid JSON: {e.msg} (eval.drift_text)") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UserError(f"{where}: missing 'text' (eval.drift_text)")
+            texts.append(row["text"])
+    if not texts:
+        raise UserError(f"eval.drift_text: {path} has no texts")
     return texts
 
 
@@ -98,12 +98,11 @@ def perplexity(model_path: str, texts: list[str], dtype: str = "float32", batch_
     import math
 
     import torch
-    from transformers import AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(model_path)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = _load(model_path, dtype, device)
+    device = default_device()
+    tok = load_tokenizer(model_path)
+    pad = tok.pad_token_id
+    model = load_causal_lm(model_path, dtype, device)
     rows = [tok(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
     nll, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):

@@ -16,16 +16,26 @@ silently. The length-controlled win rate is AlpacaEval 2.0's GLM, fitted with th
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from judges import build_alpaca_eval_judge, build_judge, close_judge
 from judges.base import Judge
+from nash import report
+from nash.drift import load_texts, perplexity, token_kl
+from nash.errors import UserError
 from nash.judging import judge_samples, outcome_counts
+from nash.policy import resolve_policy
 from nash.precision import for_config
-from nash.records import USAGE, Judgment, Prompt, Sample, read_jsonl, write_jsonl
+from nash.records import USAGE, Judgment, Prompt, Sample, read_jsonl, read_lines, write_json, write_jsonl
+from nash.registry import IterationDir, RunDir
 from nash.sampling import Progress, SamplingParams, build_sampler
+
+log = logging.getLogger("nash")
 
 MODEL, REFERENCE = 0, 1  # candidate indices in an annotation
 # The gold answers of builtin:gold's eval split, in the AlpacaEval layout.
@@ -35,8 +45,8 @@ GOLD_REFERENCE = Path(__file__).parent / "data" / "gold_reference.jsonl"
 # -- reference sets -------------------------------------------------------------------------
 
 
-class ReferenceError(ValueError):
-    pass
+class ReferenceSetError(UserError, ValueError):
+    """A reference set (eval.reference) that cannot be loaded."""
 
 
 # AlpacaEval 2.0's evaluation set: 805 instructions with GPT-4-Turbo's (gpt-4-1106-preview) outputs.
@@ -51,7 +61,7 @@ def alpaca_eval_set() -> Path:
     try:
         return Path(hf_hub_download(ALPACA_EVAL_REPO, ALPACA_EVAL_FILE, repo_type="dataset"))
     except Exception as e:  # offline and not cached, or the hub refused
-        raise ReferenceError(
+        raise ReferenceSetError(
             f"eval.reference: alpaca_eval: cannot get {ALPACA_EVAL_FILE} of the dataset {ALPACA_EVAL_REPO} "
             f"({type(e).__name__}); where a hub is reachable run `huggingface-cli download {ALPACA_EVAL_REPO} "
             f"{ALPACA_EVAL_FILE} --repo-type dataset` once, or set eval.reference to a local copy of that file "
@@ -69,40 +79,41 @@ def load_reference_set(source: str, num_prompts: int) -> list[Prompt]:
         try:
             ds = datasets.load_dataset(name, split=split or "eval")
         except Exception as e:  # offline, unknown id, bad split
-            raise ReferenceError(f"eval.reference: cannot load dataset {name!r} (split {split or 'eval'!r}): {e}") from None
+            raise ReferenceSetError(f"eval.reference: cannot load dataset {name!r} (split {split or 'eval'!r}): {e}") from None
         rows, where = list(ds), source
     else:
         path = GOLD_REFERENCE if source == "builtin:gold" else Path(source).expanduser()
         if not path.is_file():
-            raise ReferenceError(f"eval.reference: file not found: {source}")
+            raise ReferenceSetError(f"eval.reference: file not found: {source}")
         rows, where = [], str(path)
         if path.suffix == ".json":  # AlpacaEval's own files: one JSON list
             try:
                 rows = json.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ReferenceSetError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}) (eval.reference)") from None
             except json.JSONDecodeError as e:
-                raise ReferenceError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+                raise ReferenceSetError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
             if not isinstance(rows, list):
-                raise ReferenceError(f"{path}: expected a JSON list of objects (AlpacaEval layout)")
+                raise ReferenceSetError(f"{path}: expected a JSON list of objects (AlpacaEval layout)")
         else:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ReferenceError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            for line_at, line in read_lines(path, "eval.reference"):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ReferenceSetError(f"{line_at}: invalid JSON: {e.msg}") from None
     prompts = []
     for i, row in enumerate(rows[: num_prompts or None]):
         if not isinstance(row, dict):
-            raise ReferenceError(f"{where}: row {i + 1}: expected an object with instruction, output, generator")
+            raise ReferenceSetError(f"{where}: row {i + 1}: expected an object with instruction, output, generator")
         missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
         if missing:
-            raise ReferenceError(f"{where}: row {i + 1}: missing {', '.join(missing)} (AlpacaEval layout: "
+            raise ReferenceSetError(f"{where}: row {i + 1}: missing {', '.join(missing)} (AlpacaEval layout: "
                                  "instruction, output, generator)")
         prompts.append(Prompt(id=f"ref-{i:04d}", text=row["instruction"], split="eval", reference=row["output"],
                               generator=str(row.get("generator") or "reference")))
     if not prompts:
-        raise ReferenceError(f"eval.reference: {where} has no rows")
+        raise ReferenceSetError(f"eval.reference: {where} has no rows")
     return prompts
 
 
@@ -387,3 +398,136 @@ def side_by_side(prompts: list[Prompt], columns: dict[str, list[Sample]], n: int
                 name: {"text": a[p.id], **{k: v for k, v in quality.degeneration(a[p.id], p.topic).items()
                                           if k != "substantive"}} for name, a in answers.items()}})
     return rows
+
+
+# -- the evaluate stage of an iteration --------------------------------------------------
+
+
+def eval_judge(cfg, precision=None, work_dir=None):
+    """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0.
+
+    Close it with `close_judge`: with sampling.backend vllm the `self` annotator is a server.
+    """
+    jcfg = cfg.eval.judge or cfg.judge
+    if cfg.eval.protocol == "alpaca_eval":
+        return build_alpaca_eval_judge(jcfg, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)
+    if jcfg.kind in ("openai", "self", "hf"):
+        jcfg = jcfg.model_copy(update={"protocol": "pairwise", "template": None, "weighted": cfg.eval.weighted})
+    return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model), precision=precision,
+                       sampling=cfg.sampling, work_dir=work_dir)
+
+
+def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], progress=None,
+                      precision=None) -> tuple[dict, str]:
+    """The outputs a policy is compared with: the reference set, π_0's answers, or iter_M's answers."""
+    if against == "reference" and cfg.eval.reference != "initial":
+        return {p.id: p.reference for p in prompts}, prompts[0].generator or "reference"
+    if against in ("reference", "iter_000"):
+        base = answer(resolve_policy(cfg.policy.model), prompts, cfg, run.baseline_dir / "eval",
+                                 "iter_000", progress, precision)
+        return {s.prompt_id: s.response for s in base}, "iter_000"
+    other = IterationDir(run, int(against[5:])) if re.fullmatch(r"iter_\d+", against) else None
+    if other is None or not other.complete or not (other.eval_dir / "samples.jsonl").is_file():
+        raise ReferenceSetError(
+            f"--against {against}: expected 'reference' or iter_M of a complete iteration of {run.name}")
+    return {s.prompt_id: s.response for s in read_jsonl(other.eval_dir / "samples.jsonl", Sample)}, against
+
+
+def compare_iteration(it: IterationDir, against: str = "reference", progress=None, judge_=None) -> dict:
+    """Annotate iteration `it`'s held-out answers against `against`; files under eval/vs_<against>/."""
+    run, cfg, precision = it.run, it.run.config(), it.precision()
+    prompts = read_jsonl(run.eval_prompts, Prompt)
+    model = answer(str(it.policy), prompts, cfg, it.eval_dir, f"iter_{it.index:03d}", progress,
+                              precision)
+    reference, generator = reference_outputs(run, cfg, against, prompts, progress, precision)
+    annotator = judge_ or eval_judge(cfg, precision, it.eval_dir / "judge_server")
+    try:
+        result = compare(annotator, prompts, model, reference,
+                                    it.eval_dir / f"vs_{against}" / "judgments.jsonl", cfg.eval.lc_glm, progress)
+    finally:
+        if judge_ is None:
+            close_judge(annotator)
+    return {"against": against, "generator": generator, **result}
+
+
+def drift(it: IterationDir, cfg) -> dict:
+    """KL(π_t || π_0) on held-out prompts (π_t's own answers) and perplexity on general text."""
+    if not cfg.eval.drift_prompts:
+        return {}
+    run, initial, dtype = it.run, resolve_policy(cfg.policy.model), it.precision().drift_dtype
+    answers = read_jsonl(it.eval_dir / "samples.jsonl", Sample)[: cfg.eval.drift_prompts]
+    kl = token_kl(str(it.policy), initial, [s.prompt for s in answers], [s.response for s in answers],
+                  dtype, max_length=cfg.train.max_length)
+    texts = load_texts(cfg.eval.drift_text)
+    # π_0's perplexity is measured once per run and precision: a figure in another dtype is not comparable.
+    base_path = run.baseline_dir / ("drift.json" if dtype == "float32" else f"drift-{dtype}.json")
+    if not base_path.is_file():
+        run.baseline_dir.mkdir(parents=True, exist_ok=True)
+        write_json(base_path, perplexity(initial, texts, dtype))
+    return {"kl_from_initial": kl["kl"], "kl_tokens": kl["tokens"],
+            "perplexity": perplexity(str(it.policy), texts, dtype)["perplexity"],
+            "initial_perplexity": json.loads(base_path.read_text())["perplexity"], "precision": dtype}
+
+
+def degeneration(it: IterationDir, cfg, progress=None) -> dict:
+    """Degeneration and substantive pass rate of π_t's and π_0's greedy answers to the same prompts."""
+    prompts = read_jsonl(it.run.eval_prompts, Prompt)
+    policy = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
+    initial = answer(resolve_policy(cfg.policy.model), prompts, cfg, it.run.baseline_dir / "eval",
+                                "iter_000", progress, it.precision())
+    return {"policy": answer_report(prompts, policy, cfg.eval.min_words),
+            "initial": answer_report(prompts, initial, cfg.eval.min_words)}
+
+
+def answers_side_by_side(it: IterationDir, n: int = 6) -> list[dict]:
+    """Held-out answers of π_0, the previous iteration and this one, side by side."""
+    prompts = read_jsonl(it.run.eval_prompts, Prompt)
+    columns = {"iter_000": read_jsonl(it.run.baseline_dir / "eval" / "samples.jsonl", Sample)}
+    lineage = it.run.lineage(before=it.index)
+    if lineage and (lineage[-1].eval_dir / "samples.jsonl").is_file():
+        columns[lineage[-1].path.name] = read_jsonl(lineage[-1].eval_dir / "samples.jsonl", Sample)
+    columns[it.path.name] = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
+    return side_by_side(prompts, columns, n)
+
+
+def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> dict:
+    """The evaluate stage: annotation against the reference, drift, degeneration, warnings, promotion.
+
+    Writes metrics.json and the run's plot; returns the stage's summary for the manifest.
+    """
+    cfg = it.run.config()
+    result = compare_iteration(it, "reference", progress)
+    drifted = drift(it, cfg)
+    degen = degeneration(it, cfg)
+    pol, ini = degen["policy"], degen["initial"]
+    head = {"iteration": it.index, **report.comparison_headline(result), "pass_rate": result["pass_rate"],
+            "kl_from_initial": drifted.get("kl_from_initial"), "perplexity": drifted.get("perplexity"),
+            "substantive_pass_rate": pol["substantive_pass_rate"],
+            "initial_substantive_pass_rate": ini["substantive_pass_rate"],
+            "degenerate": pol["degenerate"], "initial_degenerate": ini["degenerate"],
+            "degenerate_rise": pol["degenerate"] - ini["degenerate"] if pol["n"] and ini["n"] else None,
+            "length_ratio": pol["mean_tokens"] / ini["mean_tokens"] if ini["mean_tokens"] else None}
+    earlier = report.headlines(it.run, before=it.index)
+    manifest = it.manifest()
+    warned = report.warnings_for(head, earlier, cfg.eval, manifest.get("train", {}))
+    promo = report.promotion(head, earlier, cfg.eval.promote_if)
+    head["promoted"] = promo["promoted"]
+    metrics = {
+        "iteration": it.index,
+        "headline": head,
+        "win_rate": result,
+        "drift": drifted,
+        "degeneration": degen,
+        "warnings": warned,
+        "promotion": promo,
+        "eval_judge_usage": result["usage"],
+        "precision": manifest.get("precision"),
+        "train": manifest.get("train", {}),
+        "pairs": manifest.get("pairs", {}),
+        "table": report.table_rows(earlier + [head]),
+    }
+    write_json(it.metrics, metrics)
+    for w in warned:
+        log.warning(w)
+    report.plot_run(it.run, earlier + [head], title=f"{it.run.name}: vs {head['against']}")
+    return {"win_rate": head["win_rate"], "warnings": len(warned)}

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from judges import build_alpaca_eval_judge, build_judge, close_judge
-from nash import evaluation, report
+from judges import build_judge, close_judge
+from nash import evaluation
 from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
-from nash.drift import load_texts, perplexity, token_kl
+from nash.errors import UserError
 from nash.judging import judge_samples, outcome_counts
 from nash.policy import resolve_policy
 from nash.precision import for_config as precision_for
+from nash.preflight import eval_prompts, load_run_prompts
 from nash.records import (
     USAGE,
     Judgment,
@@ -34,7 +34,6 @@ from nash.records import (
     Prompt,
     Sample,
     read_jsonl,
-    write_json,
     write_jsonl,
 )
 from nash.registry import IterationDir, RunDir, now, package_versions
@@ -63,34 +62,6 @@ def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dic
     return str(output)
 
 
-def _load_prompts(cfg):
-    p = cfg.prompts
-    return prompt_sources.load_prompts(p.source, p.seed, p.field, reference_field=p.reference_field)
-
-
-def preflight(cfg, run: RunDir) -> None:
-    """Fail fast, before any flow starts: prompts that cannot load or run out, a missing policy."""
-    all_prompts = _load_prompts(cfg)
-    last = run.next_iteration().index + cfg.run.iterations - 1
-    prompt_sources.partition(all_prompts, last, cfg.prompts.partition_size, cfg.prompts.seed)
-    if cfg.pairs.rule == "spin" and not any(p.reference for p in all_prompts if p.split == "train"):
-        raise prompt_sources.PromptError(
-            f"pairs.rule spin needs gold answers: no training prompt of {cfg.prompts.source} has a "
-            f"{cfg.prompts.reference_field!r} value (prompts.reference_field)"
-        )
-    resolve_policy(cfg.policy.model)
-    _eval_prompts(cfg, all_prompts)
-    if cfg.eval.drift_prompts:
-        load_texts(cfg.eval.drift_text)
-
-
-def _eval_prompts(cfg, all_prompts):
-    """The held-out split (reference: initial) or the reference set's instructions."""
-    if cfg.eval.reference == "initial":
-        return prompt_sources.eval_split(all_prompts, cfg.eval.num_prompts)
-    return evaluation.load_reference_set(cfg.eval.reference, cfg.eval.num_prompts)
-
-
 def prepare(run_dir: str) -> str:
     """Open the next iteration: fix its parent policy and its fresh prompt partition."""
     run = RunDir(run_dir)
@@ -98,13 +69,14 @@ def prepare(run_dir: str) -> str:
     it = run.next_iteration()
     if it.manifest():
         stages = it.manifest().get("stages", {})
-        if "select_pairs" not in stages and stages.get("judge", {}).get("failed"):
+        judged = stages.get("judge", {})
+        if "select_pairs" not in stages and (judged.get("failed") or judged.get("status") == "failed"):
             reopen_failed_judgments(it)  # nothing used them yet: ask the failed ones again
         it.update_manifest(status="running", error=None, traceback=None)
         return str(it.path)
-    all_prompts = _load_prompts(cfg)
+    all_prompts = load_run_prompts(cfg)
     if not run.eval_prompts.is_file():
-        write_jsonl(run.eval_prompts, _eval_prompts(cfg, all_prompts))
+        write_jsonl(run.eval_prompts, eval_prompts(cfg, all_prompts))
     part = prompt_sources.partition(all_prompts, it.index, cfg.prompts.partition_size, cfg.prompts.seed)
     parent = run.last_complete()
     parent_policy = str(parent.policy) if parent else resolve_policy(cfg.policy.model)
@@ -172,6 +144,10 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
             close_judge(judge_)
         counts = outcome_counts(judgments)
         it.update_manifest(judge_outcomes=counts, judge_stop=info)
+        if judgments and counts["failed"] == len(judgments):
+            first = next(j.error for j in judgments if j.error)
+            raise RuntimeError(f"every one of {len(judgments)} judgments failed (kept in {it.judgments}; the same "
+                               f"command asks them again); the first: {first}")
         return {**counts, **info}
 
     return _run_stage(it, "judge", it.judgments, work)
@@ -185,7 +161,7 @@ def reopen_failed_judgments(it: IterationDir) -> int:
     Refused on a complete iteration: its policy was trained on the old ones.
     """
     if it.complete:
-        raise RuntimeError(f"{it.path.name} is complete: its pairs and policy were made from these judgments; "
+        raise UserError(f"{it.path.name} is complete: its pairs and policy were made from these judgments; "
                            f"roll back to {it.index - 1} and run again instead")
     if not it.judgments.is_file():
         return 0
@@ -233,10 +209,12 @@ def train(iter_dir: str, progress: Progress | None = None) -> str:
 
     def work():
         if not read_jsonl(it.pairs, Pair):
-            reasons = it.manifest().get("pairs", {}).get("drop_reasons", {})
+            m = it.manifest()
+            reasons = m.get("pairs", {}).get("drop_reasons", {})
+            judged = {k: m.get("judge_outcomes", {}).get(k, 0) for k in ("scored", "preferred", "tie", "failed")}
             raise RuntimeError(
-                f"no pairs kept in {it.pairs} (dropped: {reasons}); lower pairs.min_margin or "
-                "pairs.min_chosen_score, or raise sampling.n"
+                f"no pairs kept in {it.pairs} (dropped: {reasons}; judgments: {judged}); lower pairs.min_margin "
+                "or pairs.min_chosen_score, or raise sampling.n"
             )
         metrics = train_in_subprocess(it.path, cfg.train, progress)
         it.update_manifest(train=metrics)
@@ -245,133 +223,11 @@ def train(iter_dir: str, progress: Progress | None = None) -> str:
     return _run_stage(it, "train", it.policy, work)
 
 
-def eval_judge(cfg, precision=None, work_dir=None):
-    """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0.
-
-    Close it with `close_judge`: with sampling.backend vllm the `self` annotator is a server.
-    """
-    jcfg = cfg.eval.judge or cfg.judge
-    if cfg.eval.protocol == "alpaca_eval":
-        return build_alpaca_eval_judge(jcfg, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)
-    if jcfg.kind in ("openai", "self", "hf"):
-        jcfg = jcfg.model_copy(update={"protocol": "pairwise", "template": None, "weighted": cfg.eval.weighted})
-    return build_judge(jcfg, policy_path=resolve_policy(cfg.policy.model), precision=precision,
-                       sampling=cfg.sampling, work_dir=work_dir)
-
-
-def reference_outputs(run: RunDir, cfg, against: str, prompts: list[Prompt], progress=None,
-                      precision=None) -> tuple[dict, str]:
-    """The outputs a policy is compared with: the reference set, π_0's answers, or iter_M's answers."""
-    if against == "reference" and cfg.eval.reference != "initial":
-        return {p.id: p.reference for p in prompts}, prompts[0].generator or "reference"
-    if against in ("reference", "iter_000"):
-        base = evaluation.answer(resolve_policy(cfg.policy.model), prompts, cfg, run.baseline_dir / "eval",
-                                 "iter_000", progress, precision)
-        return {s.prompt_id: s.response for s in base}, "iter_000"
-    other = IterationDir(run, int(against[5:])) if re.fullmatch(r"iter_\d+", against) else None
-    if other is None or not other.complete or not (other.eval_dir / "samples.jsonl").is_file():
-        raise evaluation.ReferenceError(
-            f"--against {against}: expected 'reference' or iter_M of a complete iteration of {run.name}")
-    return {s.prompt_id: s.response for s in read_jsonl(other.eval_dir / "samples.jsonl", Sample)}, against
-
-
-def compare_iteration(it: IterationDir, against: str = "reference", progress=None, judge_=None) -> dict:
-    """Annotate iteration `it`'s held-out answers against `against`; files under eval/vs_<against>/."""
-    run, cfg, precision = it.run, it.run.config(), it.precision()
-    prompts = read_jsonl(run.eval_prompts, Prompt)
-    model = evaluation.answer(str(it.policy), prompts, cfg, it.eval_dir, f"iter_{it.index:03d}", progress,
-                              precision)
-    reference, generator = reference_outputs(run, cfg, against, prompts, progress, precision)
-    annotator = judge_ or eval_judge(cfg, precision, it.eval_dir / "judge_server")
-    try:
-        result = evaluation.compare(annotator, prompts, model, reference,
-                                    it.eval_dir / f"vs_{against}" / "judgments.jsonl", cfg.eval.lc_glm, progress)
-    finally:
-        if judge_ is None:
-            close_judge(annotator)
-    return {"against": against, "generator": generator, **result}
-
-
-def drift(it: IterationDir, cfg) -> dict:
-    """KL(π_t || π_0) on held-out prompts (π_t's own answers) and perplexity on general text."""
-    if not cfg.eval.drift_prompts:
-        return {}
-    run, initial, dtype = it.run, resolve_policy(cfg.policy.model), it.precision().drift_dtype
-    answers = read_jsonl(it.eval_dir / "samples.jsonl", Sample)[: cfg.eval.drift_prompts]
-    kl = token_kl(str(it.policy), initial, [s.prompt for s in answers], [s.response for s in answers],
-                  dtype, max_length=cfg.train.max_length)
-    texts = load_texts(cfg.eval.drift_text)
-    # π_0's perplexity is measured once per run and precision: a figure in another dtype is not comparable.
-    base_path = run.baseline_dir / ("drift.json" if dtype == "float32" else f"drift-{dtype}.json")
-    if not base_path.is_file():
-        run.baseline_dir.mkdir(parents=True, exist_ok=True)
-        write_json(base_path, perplexity(initial, texts, dtype))
-    return {"kl_from_initial": kl["kl"], "kl_tokens": kl["tokens"],
-            "perplexity": perplexity(str(it.policy), texts, dtype)["perplexity"],
-            "initial_perplexity": json.loads(base_path.read_text())["perplexity"], "precision": dtype}
-
-
-def degeneration(it: IterationDir, cfg, progress=None) -> dict:
-    """Degeneration and substantive pass rate of π_t's and π_0's greedy answers to the same prompts."""
-    prompts = read_jsonl(it.run.eval_prompts, Prompt)
-    policy = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
-    initial = evaluation.answer(resolve_policy(cfg.policy.model), prompts, cfg, it.run.baseline_dir / "eval",
-                                "iter_000", progress, it.precision())
-    return {"policy": evaluation.answer_report(prompts, policy, cfg.eval.min_words),
-            "initial": evaluation.answer_report(prompts, initial, cfg.eval.min_words)}
-
-
-def side_by_side(it: IterationDir, n: int = 6) -> list[dict]:
-    """Held-out answers of π_0, the previous iteration and this one, side by side."""
-    prompts = read_jsonl(it.run.eval_prompts, Prompt)
-    columns = {"iter_000": read_jsonl(it.run.baseline_dir / "eval" / "samples.jsonl", Sample)}
-    lineage = it.run.lineage(before=it.index)
-    if lineage and (lineage[-1].eval_dir / "samples.jsonl").is_file():
-        columns[lineage[-1].path.name] = read_jsonl(lineage[-1].eval_dir / "samples.jsonl", Sample)
-    columns[it.path.name] = read_jsonl(it.eval_dir / "samples.jsonl", Sample)
-    return evaluation.side_by_side(prompts, columns, n)
-
-
 def evaluate(iter_dir: str, progress: Progress | None = None) -> str:
     it = IterationDir.from_path(iter_dir)
-    cfg = it.run.config()
 
     def work():
-        result = compare_iteration(it, "reference", progress)
-        drifted = drift(it, cfg)
-        degen = degeneration(it, cfg)
-        pol, ini = degen["policy"], degen["initial"]
-        head = {"iteration": it.index, **report.comparison_headline(result), "pass_rate": result["pass_rate"],
-                "kl_from_initial": drifted.get("kl_from_initial"), "perplexity": drifted.get("perplexity"),
-                "substantive_pass_rate": pol["substantive_pass_rate"],
-                "initial_substantive_pass_rate": ini["substantive_pass_rate"],
-                "degenerate": pol["degenerate"], "initial_degenerate": ini["degenerate"],
-                "degenerate_rise": pol["degenerate"] - ini["degenerate"] if pol["n"] and ini["n"] else None,
-                "length_ratio": pol["mean_tokens"] / ini["mean_tokens"] if ini["mean_tokens"] else None}
-        earlier = report.headlines(it.run, before=it.index)
-        manifest = it.manifest()
-        warnings = report.warnings_for(head, earlier, cfg.eval, manifest.get("train", {}))
-        promo = report.promotion(head, earlier, cfg.eval.promote_if)
-        head["promoted"] = promo["promoted"]
-        metrics = {
-            "iteration": it.index,
-            "headline": head,
-            "win_rate": result,
-            "drift": drifted,
-            "degeneration": degen,
-            "warnings": warnings,
-            "promotion": promo,
-            "eval_judge_usage": result["usage"],
-            "precision": manifest.get("precision"),
-            "train": manifest.get("train", {}),
-            "pairs": manifest.get("pairs", {}),
-            "table": report.table_rows(earlier + [head]),
-        }
-        write_json(it.metrics, metrics)
-        for w in warnings:
-            log.warning(w)
-        report.plot_run(it.run, earlier + [head], title=f"{it.run.name}: vs {head['against']}")
-        return {"win_rate": head["win_rate"], "warnings": len(warnings)}
+        return evaluation.evaluate_iteration(it, progress)
 
     return _run_stage(it, "evaluate", it.metrics, work)
 
@@ -405,7 +261,7 @@ def finalize(iter_dir: str) -> str:
         traceback=None,
     )
     if metrics["headline"]["promoted"]:
-        report.record_promotion(it.run, metrics["headline"], it.policy)
+        it.run.record_promotion(metrics["headline"], it.policy)
     for gone in it.run.prune_policies(it.run.config().run.keep_policies):
         log.info("run.keep_policies=%s: deleted the weights of %s", it.run.config().run.keep_policies, gone.path.name)
     return str(it.manifest_path)

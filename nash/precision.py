@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, fields
 
+from nash.errors import UserError
+
 log = logging.getLogger("nash")
 
 SETTINGS = ("auto", "bf16", "fp16", "fp32")
@@ -88,7 +90,7 @@ class Precision:
                 "perplexity": self.drift_dtype, "saved_policy": self.weights}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     pass
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from nash import constraints
-from nash.records import Prompt
+from nash.errors import UserError
+from nash.records import Prompt, read_lines
 
 GOLD = Path(__file__).parent / "data" / "gold.jsonl"
 
@@ -69,7 +70,7 @@ _CONFLICTS = {
 }
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     pass
 
 
@@ -108,7 +109,8 @@ def load_prompts(source: str, seed: int = 0, field: str = "prompt", eval_fractio
     if source == "builtin:gold":
         return load_prompts(str(GOLD), seed, "prompt", eval_fraction, "reference")
     if source.startswith("hf:"):
-        return _from_rows(_load_hf(source[3:]), source, field, seed, eval_fraction, reference_field)
+        rows = [(f"{source}: row {i + 1}", row) for i, row in enumerate(_load_hf(source[3:]))]
+        return _from_rows(rows, field, seed, eval_fraction, reference_field)
     path = Path(source).expanduser()
     if not path.is_file():
         raise PromptError(f"prompts.source: file not found: {source}")
@@ -119,18 +121,17 @@ def load_prompts(source: str, seed: int = 0, field: str = "prompt", eval_fractio
     import json
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict) or field not in row:
-                raise PromptError(f"{path}:{lineno}: missing field {field!r} (prompts.field)")
-            rows.append(row)
-    return _from_rows(rows, str(path), field, seed, eval_fraction, reference_field)
+    for where, line in read_lines(path, "prompts.source"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{where}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict) or field not in row:
+            raise PromptError(f"{where}: missing field {field!r} (prompts.field)")
+        rows.append((where, row))
+    return _from_rows(rows, field, seed, eval_fraction, reference_field)
 
 
 def _load_hf(spec: str) -> list[dict]:
@@ -143,25 +144,37 @@ def _load_hf(spec: str) -> list[dict]:
         raise PromptError(f"prompts.source: cannot load dataset {name!r} (split {split or 'train'!r}): {e}") from None
 
 
-def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fraction: float,
+def _from_rows(rows: list[tuple[str, dict]], field: str, seed: int, eval_fraction: float,
                reference_field: str = "reference") -> list[Prompt]:
-    prompts = []
-    for i, row in enumerate(rows):
+    """Prompts from (where, row) pairs; `where` ('FILE:LINE') names the row in every error."""
+    prompts, first_seen = [], {}
+    for i, (where, row) in enumerate(rows):
         cons = row.get("constraints") or []
         for c in cons:
             try:
                 constraints.validate(c)
             except constraints.ConstraintError as e:
-                raise PromptError(f"{where}: row {i + 1}: {e}") from None
+                raise PromptError(f"{where}: {e}") from None
+        text = row[field]
+        if not isinstance(text, str):
+            raise PromptError(f"{where}: {field!r} is {type(text).__name__}, not text (prompts.field)")
+        if not text.strip():
+            raise PromptError(f"{where}: {field!r} is empty: every prompt needs text (prompts.field)")
+        pid = str(row.get("id", i))
+        if pid in first_seen:
+            raise PromptError(f"{where}: prompt id {pid!r} is already used at {first_seen[pid]}: samples and "
+                              "judgments are keyed by prompt id, so ids must be unique")
+        first_seen[pid] = where
         try:
-            prompts.append(
-                Prompt(id=str(row.get("id", i)), text=str(row[field]), constraints=cons,
-                       topic=row.get("topic"), split=row.get("split", "train"),
-                       reference=row.get(reference_field))
-            )
+            prompt = Prompt(id=pid, text=text, constraints=cons, topic=row.get("topic"),
+                            split=row.get("split", "train"), reference=row.get(reference_field))
         except ValidationError as e:
             err = e.errors()[0]
-            raise PromptError(f"{where}: row {i + 1}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise PromptError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        prompt._where = where
+        prompts.append(prompt)
+    if not prompts:
+        raise PromptError(f"prompts.source: {rows and rows[0][0] or 'the source'} has no prompts")
     if not any(p.split == "eval" for p in prompts):
         # No split given: hold out a seeded share for evaluation.
         order = list(range(len(prompts)))
@@ -169,6 +182,12 @@ def _from_rows(rows: list[dict], where: str, field: str, seed: int, eval_fractio
         for i in order[: max(1, int(len(prompts) * eval_fraction))]:
             prompts[i].split = "eval"
     return prompts
+
+
+def name_prompts(prompts: list[Prompt], why, shown: int = 3) -> str:
+    """The first few prompts of an error, each with where it was read and `why(prompt)`."""
+    named = "; ".join(f"{p._where or 'prompt'} (id {p.id!r}): {why(p)}" for p in prompts[:shown])
+    return named + (f"; and {len(prompts) - shown} more" if len(prompts) > shown else "")
 
 
 def partition(prompts: list[Prompt], iteration: int, size: int, seed: int = 0) -> list[Prompt]:

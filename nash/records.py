@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
+
+from nash.errors import UserError
 
 log = logging.getLogger("nash")
 
@@ -27,6 +30,8 @@ class Record(BaseModel):
 class Prompt(Record):
     id: str
     text: str
+    # Where the prompt was read ('FILE:LINE', or 'SOURCE: row N'), for error messages; not written out.
+    _where: str | None = PrivateAttr(default=None)
     constraints: list[dict[str, Any]] = []
     topic: str | None = None
     split: Literal["train", "eval"] = "train"
@@ -58,6 +63,14 @@ class Judgment(Record):
     judge: str
     outcome: Literal["scored", "preferred", "tie", "failed"]
     score: float | None = None
+
+    @field_validator("score")
+    @classmethod
+    def _finite(cls, v):
+        # json reads NaN and Infinity; a non-finite score would sort and average silently wrong
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"score {v} is not a finite number")
+        return v
     other: int | None = None
     winner: int | None = None
     details: dict[str, Any] = {}
@@ -96,22 +109,38 @@ class Pair(Record):
 R = TypeVar("R", bound=Record)
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     pass
+
+
+def read_lines(path: str | os.PathLike, key: str | None = None) -> Iterator[tuple[str, str]]:
+    """('FILE:LINE', text) for each line of a UTF-8 text file, read as a stream.
+
+    A line that is not UTF-8 is an error naming the file, the line and `key` (the config key
+    that names the file), not a UnicodeDecodeError from deep inside a stage.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start} of the line: "
+                                  f"{raw[max(0, e.start - 10) : e.start + 10]!r}){f' ({key})' if key else ''}; "
+                                  "save the file as UTF-8") from None
+            yield f"{path}:{lineno}", text.removeprefix("\ufeff") if lineno == 1 else text
 
 
 def read_jsonl(path: str | os.PathLike, record: type[R]) -> list[R]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(record.model_validate_json(line))
-            except ValidationError as e:
-                err = e.errors()[0]
-                loc = ".".join(str(p) for p in err["loc"]) or "<line>"
-                raise RecordError(f"{path}:{lineno}: {loc}: {err['msg']}") from None
+    for where, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            out.append(record.model_validate_json(line))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "<line>"
+            raise RecordError(f"{where}: {loc}: {err['msg']}") from None
     return out
 
 

@@ -42,52 +42,6 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def fmt(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def fmt_win_rate(h: dict) -> str:
-    """'0.641 ± 0.041' from a headline's win rate and standard error."""
-    se = h.get("win_rate_se")
-    return fmt(h.get("win_rate")) + (f" ± {se:.3f}" if se is not None else "")
-
-
-def fmt_promoted(h: dict) -> str:
-    return {True: "yes", False: "no"}.get(h.get("promoted"), "-")
-
-
-def iteration_row(manifest: dict) -> dict:
-    """One row of the per-iteration table (Prefect artifact and `nash status`)."""
-    m, p, t = manifest.get("metrics", {}), manifest.get("pairs", {}), manifest.get("train", {})
-    replayed = sum(r.get("drawn", 0) for r in p.get("replayed", {}).values())
-    return {
-        "iteration": manifest.get("iteration"),
-        "status": manifest.get("status", "missing"),
-        "candidates": manifest.get("stages", {}).get("sample", {}).get("candidates", "-"),
-        "sampling tok/s": fmt(manifest.get("stages", {}).get("sample", {}).get("tokens_per_second"), 0),
-        "pairs kept": p.get("pairs", "-"),
-        "prompts dropped": p.get("prompts_dropped", "-"),
-        "replayed": replayed if p else "-",
-        "tokens chosen/rejected": f"{fmt(p.get('chosen_mean_tokens'), 0)}/{fmt(p.get('rejected_mean_tokens'), 0)}",
-        "loss": fmt(t.get("train_loss")),
-        "reward acc": fmt(t.get("reward_accuracy_mean"), 2),
-        "reward margin": fmt(t.get("reward_margin_mean")),
-        "KL to π_t": fmt(t.get("kl_from_parent"), 4),
-        "pass rate": fmt(m.get("pass_rate")),
-        "real pass": fmt(m.get("substantive_pass_rate")),
-        "degenerate": fmt(m.get("degenerate")),
-        "win rate": fmt_win_rate(m),
-        "vs": m.get("against", "-"),
-        "LC win rate": fmt(m.get("lc_win_rate")),
-        "KL to π_0": fmt(m.get("kl_from_initial"), 4),
-        "promoted": fmt_promoted(m),
-        "weights": "deleted" if manifest.get("policy_deleted_at") else
-                   "on disk" if manifest.get("status") in ("complete", "rolled_back") else "-",
-        "judge $": f"{manifest.get('judge_spend', {}).get('iteration', {}).get('cost_usd', 0.0):.2f}",
-        "seconds": round(sum(manifest.get("timings", {}).values())),
-    }
-
-
 class IterationDir:
     def __init__(self, run: RunDir, index: int):
         self.run = run
@@ -168,18 +122,9 @@ class RunDir:
     def create(cls, runs_dir: str | Path, cfg: Config) -> RunDir:
         """Create the run, or reopen it when its resolved config is the same."""
         run = cls(Path(runs_dir) / cfg.run.name)
+        run.check_config(cfg)
         if run.config_path.is_file():
             stored = run.config()
-            if stored.hash() != cfg.hash():
-                old, new = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
-                diff = [
-                    f"{s}.{k}" for s in new for k in new[s]
-                    if not (s == "run" and k in UNHASHED) and old[s].get(k) != new[s][k]
-                ]
-                raise ConfigError(
-                    f"run {cfg.run.name!r} already exists in {run.path} with a different config "
-                    f"({', '.join(diff)}); set run.name to start a new run"
-                )
             if stored.run.keep_policies != cfg.run.keep_policies:
                 data = json.loads(run.config_path.read_text(encoding="utf-8"))
                 data["config"]["run"]["keep_policies"] = cfg.run.keep_policies
@@ -188,6 +133,22 @@ class RunDir:
         run.path.mkdir(parents=True, exist_ok=True)
         write_json(run.config_path, {"config_hash": cfg.hash(), "created_at": now(), "config": cfg.model_dump(mode="json")})
         return run
+
+    def check_config(self, cfg: Config) -> None:
+        """An existing run continues only with the config it was created with (but for UNHASHED keys)."""
+        if not self.config_path.is_file():
+            return
+        stored = self.config()
+        if stored.hash() != cfg.hash():
+            old, new = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
+            diff = [
+                f"{s}.{k}" for s in new for k in new[s]
+                if not (s == "run" and k in UNHASHED) and old[s].get(k) != new[s][k]
+            ]
+            raise ConfigError(
+                f"run {cfg.run.name!r} already exists in {self.path} with a different config "
+                f"({', '.join(diff)}); set run.name to start a new run"
+            )
 
     def config(self) -> Config:
         if not self.config_path.is_file():
@@ -220,8 +181,6 @@ class RunDir:
 
     def rollback(self, to: int) -> list[IterationDir]:
         """Set aside every iteration after `to`; return them. Their files stay; their manifests say so."""
-        from nash.report import record_promotion
-
         if to != 0:
             target = IterationDir(self, to)
             if not target.complete:
@@ -239,10 +198,13 @@ class RunDir:
         promoted = [it for it in self.lineage() if json.loads(it.metrics.read_text()).get("headline", {}).get("promoted")]
         if promoted:
             head = json.loads(promoted[-1].metrics.read_text())["headline"]
-            record_promotion(self, head, promoted[-1].policy)
+            self.record_promotion(head, promoted[-1].policy)
         else:
             self.promoted_path.unlink(missing_ok=True)
         return later
+
+    def record_promotion(self, head: dict, policy: Path) -> None:
+        write_json(self.promoted_path, {"iteration": head["iteration"], "policy": str(policy), "headline": head})
 
     def prune_policies(self, keep: str | int) -> list[IterationDir]:
         """Delete the weights `run.keep_policies` does not keep; their manifests, hashes and records stay."""

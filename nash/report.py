@@ -12,8 +12,54 @@ import operator
 from pathlib import Path
 
 from nash.config import parse_condition
-from nash.records import Sample, read_jsonl, write_json
-from nash.registry import fmt, fmt_promoted, fmt_win_rate
+from nash.records import Sample, read_jsonl
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def fmt_win_rate(h: dict) -> str:
+    """'0.641 ± 0.041' from a headline's win rate and standard error."""
+    se = h.get("win_rate_se")
+    return fmt(h.get("win_rate")) + (f" ± {se:.3f}" if se is not None else "")
+
+
+def fmt_promoted(h: dict) -> str:
+    return {True: "yes", False: "no"}.get(h.get("promoted"), "-")
+
+
+def iteration_row(manifest: dict) -> dict:
+    """One row of the per-iteration table (Prefect artifact and `nash status`)."""
+    m, p, t = manifest.get("metrics", {}), manifest.get("pairs", {}), manifest.get("train", {})
+    replayed = sum(r.get("drawn", 0) for r in p.get("replayed", {}).values())
+    return {
+        "iteration": manifest.get("iteration"),
+        "status": manifest.get("status", "missing"),
+        "candidates": manifest.get("stages", {}).get("sample", {}).get("candidates", "-"),
+        "sampling tok/s": fmt(manifest.get("stages", {}).get("sample", {}).get("tokens_per_second"), 0),
+        "pairs kept": p.get("pairs", "-"),
+        "prompts dropped": p.get("prompts_dropped", "-"),
+        "replayed": replayed if p else "-",
+        "tokens chosen/rejected": f"{fmt(p.get('chosen_mean_tokens'), 0)}/{fmt(p.get('rejected_mean_tokens'), 0)}",
+        "loss": fmt(t.get("train_loss")),
+        "reward acc": fmt(t.get("reward_accuracy_mean"), 2),
+        "reward margin": fmt(t.get("reward_margin_mean")),
+        "KL to π_t": fmt(t.get("kl_from_parent"), 4),
+        "pass rate": fmt(m.get("pass_rate")),
+        "real pass": fmt(m.get("substantive_pass_rate")),
+        "degenerate": fmt(m.get("degenerate")),
+        "win rate": fmt_win_rate(m),
+        "vs": m.get("against", "-"),
+        "LC win rate": fmt(m.get("lc_win_rate")),
+        "KL to π_0": fmt(m.get("kl_from_initial"), 4),
+        "promoted": fmt_promoted(m),
+        "weights": "deleted" if manifest.get("policy_deleted_at") else
+                   "on disk" if manifest.get("status") in ("complete", "rolled_back") else "-",
+        "judge $": f"{manifest.get('judge_spend', {}).get('iteration', {}).get('cost_usd', 0.0):.2f}",
+        "seconds": round(sum(manifest.get("timings", {}).values())),
+    }
+
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 # For `best`: the direction in which each metric is better.
@@ -191,10 +237,6 @@ def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def record_promotion(run, head: dict, policy: Path) -> None:
-    write_json(run.promoted_path, {"iteration": head["iteration"], "policy": str(policy), "headline": head})
 
 
 FLAG_NAMES = ("empty", "short", "repetitive", "off_topic")

@@ -25,13 +25,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from nash.errors import UserError
+
 log = logging.getLogger("nash")
 
 _held: dict[str, list] = {}  # resolved lock path -> [open file, depth]
 _guard = threading.Lock()
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """Another process is writing this run."""
 
 
@@ -63,6 +65,7 @@ def run_lock(run_path: str | Path, purpose: str):
         if key in _held:
             _held[key][1] += 1
         else:
+            created = not path.parent.exists()
             path.parent.mkdir(parents=True, exist_ok=True)
             f = open(path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
             try:
@@ -80,16 +83,20 @@ def run_lock(run_path: str | Path, purpose: str):
                                 "command": " ".join(sys.argv[:4]), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
             f.flush()
             os.fsync(f.fileno())
-            _held[key] = [f, 1]
+            _held[key] = [f, 1, created]
     try:
         yield
     finally:
         with _guard:
             _held[key][1] -= 1
             if _held[key][1] == 0:
-                f = _held.pop(key)[0]
+                f, _, created = _held.pop(key)
                 f.seek(0)
                 f.truncate()
                 f.flush()
+                # A run refused before anything was written leaves no directory behind.
+                if created and [p.name for p in path.parent.iterdir()] == [path.name]:
+                    path.unlink()
+                    path.parent.rmdir()
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
                 f.close()

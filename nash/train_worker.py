@@ -15,7 +15,8 @@ from nash.lifeline import die_with_parent
 from nash.policy import resolve_policy
 from nash.records import Pair, Sample, read_jsonl, write_json
 from nash.registry import IterationDir
-from nash.training import PROGRESS_TAG, train_policy
+from nash.supervisor import PROGRESS_TAG
+from nash.training import train_policy
 
 
 def _is_main() -> bool:

@@ -12,25 +12,20 @@ runs under `accelerate launch` on several GPUs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from nash.config import PAIRED_LOSSES
 from nash.lm_head import cpu_scored_heads
+from nash.models import load_causal_lm, load_tokenizer
 from nash.precision import Precision, resolve
 from nash.records import Pair, fsync_dir
-from nash.sampling import Progress
-
-PROGRESS_TAG = "nash-train-progress"
+from nash.supervisor import Child, Progress
 
 
 def pairs_to_dataset(pairs: list[Pair], loss: str = "dpo"):
@@ -60,16 +55,10 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
     The weights load in `precision.weights` and TRL's bf16/fp16 arguments put the forward and
     backward passes (and the reference log-probabilities) under autocast in `precision.compute`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cfg = train_cfg
     precision = precision or resolve("fp32")
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch_dtype = getattr(torch, precision.weights)
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch_dtype)
+    tokenizer = load_tokenizer(policy_path)
+    model = load_causal_lm(policy_path, precision.weights)
     common = dict(
         output_dir=str(work_dir),
         beta=cfg.beta,
@@ -96,7 +85,7 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     ref_model = None
     if cfg.reference == "initial" and initial_path and cfg.loss != "cpo":
-        ref_model = AutoModelForCausalLM.from_pretrained(initial_path, dtype=torch_dtype)
+        ref_model = load_causal_lm(initial_path, precision.weights)
     dataset = pairs_to_dataset(pairs, cfg.loss)
     kwargs = dict(model=model, train_dataset=dataset, processing_class=tokenizer,
                   callbacks=list(callbacks), peft_config=peft_config)
@@ -199,42 +188,23 @@ def train_in_subprocess(iter_dir: Path, train_cfg, progress: Progress | None = N
     """Run nash/train_worker.py on the iteration; stream its progress; return what it wrote to train.json.
 
     The worker's output goes to train.log in the iteration directory; a failure raises
-    with the log's last lines.
+    with the log's last lines. The worker's process group is killed on any way out.
     """
     log_path, result_path = iter_dir / "train.log", iter_dir / "train.json"
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    cmd = worker_command(iter_dir, train_cfg)
-    tail: deque[str] = deque(maxlen=20)
     bar = tqdm(desc="training", unit="step", leave=False)
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        try:
-            rc = _follow(proc, log, tail, bar, progress)
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the launcher's workers too, on any way out
-            proc.wait()
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+        if progress:
+            progress(done, total)
+
+    with Child(worker_command(iter_dir, train_cfg), log_path, env, on_progress, tail=20) as worker:
+        rc = worker.follow()
+        tail = list(worker.tail)
     bar.close()
     if rc != 0 or not result_path.is_file():
         raise RuntimeError(f"training subprocess exited with status {rc}; see {log_path}:\n  " + "\n  ".join(tail))
     return json.loads(result_path.read_text(encoding="utf-8"))
-
-
-def _follow(proc, log, tail, bar, progress) -> int:
-    """Copy the worker's output to the log and its progress lines to the bar; its exit status."""
-    for line in proc.stdout:
-        if line.startswith(PROGRESS_TAG):
-            done, total = map(int, line.split()[1:3])
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-            if progress:
-                progress(done, total)
-            continue
-        log.write(line)
-        log.flush()  # readable while training runs
-        tail.append(line.rstrip())
-    return proc.wait()

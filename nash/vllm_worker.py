@@ -8,7 +8,7 @@ The job names the model, the prompts as chat messages, the sampling parameters, 
 arguments and the output path. The worker writes one JSON line per prompt to OUT.partial,
 renames it to OUT when every prompt is done, then writes OUT.done with the shard's figures
 (vLLM version, engine arguments, sampling parameters, engine start seconds, throughput).
-Progress goes to stdout as `nash-sample-progress DONE TOTAL` lines. The process dies with its
+Progress goes to stdout as `nash-progress DONE TOTAL` lines. The process dies with its
 parent (PR_SET_PDEATHSIG), and so does the engine core it starts, so an engine never outlives
 the stage that started it.
 """
@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-PROGRESS_TAG = "nash-sample-progress"
+PROGRESS_TAG = "nash-progress"  # nash.supervisor reads it
 CHUNK = 256  # prompts per LLM.chat call: the engine batches within it; progress is reported between
 
 

@@ -59,4 +59,6 @@ def tiny_overrides(tiny_model_dir, tiny_prompts):
         "pairs.min_chosen_score=0.5",
         "pairs.min_margin=0.5",
         "pairs.per_prompt=all",
+        "judge.kind=rules",
+        "train.epochs=1",
     ]

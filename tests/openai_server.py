@@ -82,6 +82,15 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "cut_headers":
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Ty")
 
+    def do_GET(self):  # the model list, which nash asks for before a stage starts
+        srv = self.server.owner
+        with srv.lock:
+            srv.probes += 1
+        if srv.models_status != 200:
+            self._send(srv.models_status, {"error": {"message": "refused", "type": "invalid_request_error"}})
+            return
+        self._send(200, {"object": "list", "data": [{"id": "served", "object": "model", "owned_by": "test"}]})
+
     def do_POST(self):
         srv = self.server.owner
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
@@ -153,6 +162,8 @@ class OpenAIServer:
         self.next_token = None  # user prompt -> {token: probability}: the reply to `top_logprobs` requests
         self.fault = None  # user prompt -> a behaviour, or None for the default reply (after `script`)
         self.requests: list[dict] = []
+        self.models_status = 200  # the status of GET /models
+        self.probes = 0  # GET /models requests
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.owner = self

@@ -190,7 +190,7 @@ def test_alpaca_eval_set_offline_names_the_way_to_get_it(monkeypatch):
         raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(evaluation.ReferenceError, match="huggingface-cli download tatsu-lab/alpaca_eval"):
+    with pytest.raises(evaluation.ReferenceSetError, match="huggingface-cli download tatsu-lab/alpaca_eval"):
         evaluation.load_reference_set("alpaca_eval", 0)
 
 

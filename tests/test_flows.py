@@ -134,7 +134,7 @@ def test_cli_iteration_with_the_openai_judge_never_leaks_the_key(
 def test_api_key_from_a_prefect_secret_block(prefect_server, monkeypatch):
     from prefect.blocks.system import Secret
 
-    from judges.openai_judge import read_api_key
+    from nash.openai_client import read_api_key
 
     Secret(value="sk-from-block-77").save("nash-judge-key", overwrite=True)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

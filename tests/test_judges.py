@@ -6,7 +6,7 @@ from nash.records import Prompt
 
 
 def test_rules_judge_scores_the_share_of_constraints_met():
-    judge = build_judge(load_config(None).judge)
+    judge = build_judge(load_config(None, ["judge.kind=rules"]).judge)
     prompt = Prompt(id="p", text="t", constraints=[{"kind": "lowercase"}, {"kind": "max_words", "n": 3}])
     out = judge.score(prompt, ["just two", "Just two", "Far Too Many Words Here", "far too many words here"])
     assert [j.score for j in out] == [1.0, 0.5, 0.0, 0.5]
@@ -16,7 +16,7 @@ def test_rules_judge_scores_the_share_of_constraints_met():
 
 
 def test_rules_judge_refuses_prompts_without_constraints():
-    judge = build_judge(load_config(None).judge)
+    judge = build_judge(load_config(None, ["judge.kind=rules"]).judge)
     with pytest.raises(ValueError, match="prompt 'p' has no constraints"):
         judge.score(Prompt(id="p", text="t"), ["a"])
 

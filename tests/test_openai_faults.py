@@ -8,12 +8,13 @@ from collections import Counter
 
 import pytest
 
-import judges.openai_judge as openai_judge
+import nash.openai_client as openai_client
 from judges import build_judge, close_judge
 from nash.config import SamplingServerSection, load_config
 from nash.judging import judge_samples, outcome_counts
 from nash.records import Prompt, Sample
-from nash.sampling import OpenAISampler, SamplingParams
+from nash.sampling import SamplingParams
+from nash.sampling.server import OpenAISampler
 from tests.openai_server import OpenAIServer
 
 PROMPT = Prompt(id="p1", text="Name a colour.")
@@ -37,8 +38,8 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     # Both backoffs run as they do in a round, ten times shorter: nash's for undecodable replies
     # and the client's own for 429, 5xx and dropped connections (0.5 s doubling to 8 s).
-    monkeypatch.setattr(openai_judge, "BACKOFF_BASE_S", 0.05)
-    monkeypatch.setattr(openai_judge, "BACKOFF_CAP_S", 0.8)
+    monkeypatch.setattr(openai_client, "BACKOFF_BASE_S", 0.05)
+    monkeypatch.setattr(openai_client, "BACKOFF_CAP_S", 0.8)
     monkeypatch.setattr("openai._base_client.INITIAL_RETRY_DELAY", 0.05)
     monkeypatch.setattr("openai._base_client.MAX_RETRY_DELAY", 0.8)
 

@@ -61,10 +61,10 @@ def test_jsonl_source_and_its_errors(tmp_path):
     with pytest.raises(PromptError, match=r"bad.jsonl:2: invalid JSON"):
         load_prompts(str(bad))
     bad.write_text('{"prompt": "ok", "constraints": [{"kind": "shout"}]}\n')
-    with pytest.raises(PromptError, match="row 1: unknown constraint kind"):
+    with pytest.raises(PromptError, match="bad.jsonl:1: unknown constraint kind"):
         load_prompts(str(bad))
     bad.write_text('{"prompt": "ok", "split": "test"}\n')
-    with pytest.raises(PromptError, match="row 1: split: Input should be 'train' or 'eval'"):
+    with pytest.raises(PromptError, match="bad.jsonl:1: split: Input should be 'train' or 'eval'"):
         load_prompts(str(bad))
     with pytest.raises(PromptError, match="file not found"):
         load_prompts(str(tmp_path / "missing.jsonl"))

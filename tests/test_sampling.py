@@ -1,4 +1,5 @@
-from nash.sampling import SamplingParams, TransformersSampler
+from nash.sampling import SamplingParams
+from nash.sampling.hf import TransformersSampler
 
 
 def test_n_completions_per_prompt_seeded(tiny_model_dir):
@@ -33,7 +34,7 @@ def test_inverse_cdf_draws_follow_the_warped_distribution():
     import torch
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    from nash.sampling import InverseCDFSampler
+    from nash.sampling.hf import InverseCDFSampler
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 40_000
@@ -53,7 +54,7 @@ def test_inverse_cdf_draws_follow_the_warped_distribution():
 def test_inverse_cdf_draws_are_seeded():
     import torch
 
-    from nash.sampling import InverseCDFSampler
+    from nash.sampling.hf import InverseCDFSampler
 
     scores = torch.randn(8, 50)
     a = InverseCDFSampler(1.0, 1.0, torch.Generator().manual_seed(1))(None, scores.clone()).argmax(1)

@@ -5,7 +5,9 @@ import itertools
 import pytest
 
 from nash.config import SamplingServerSection
-from nash.sampling import EngineFailed, OpenAISampler, SamplingParams
+from nash.sampling import SamplingParams
+from nash.sampling.server import OpenAISampler
+from nash.vllm_engine import EngineFailed
 from tests.openai_server import OpenAIServer
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from nash.config import VLLMSection
 from nash.records import Prompt
-from nash.sampling import EngineFailed, SamplingParams, VLLMSampler
+from nash.sampling import SamplingParams
+from nash.sampling.vllm import VLLMSampler
+from nash.vllm_engine import EngineFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = os.environ.get("NASH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -159,7 +161,8 @@ STAGE = """
 import sys
 from pathlib import Path
 from nash.config import VLLMSection
-from nash.sampling import SamplingParams, VLLMSampler
+from nash.sampling import SamplingParams
+from nash.sampling.vllm import VLLMSampler
 model, work, python = sys.argv[1:4]
 cfg = VLLMSection(python=python, enforce_eager=True, max_model_len=512, env=dict([sys.argv[4].split("=", 1)]))
 VLLMSampler(model, cfg, 1, "bfloat16", Path(work)).generate(["Say hi."] * 64, SamplingParams(n=4, max_new_tokens=64))
@@ -288,7 +291,7 @@ def test_evaluation_answers_come_from_vllm_and_match_transformers(scoring_model_
     from nash import evaluation
     from nash.config import load_config
     from nash.precision import resolve
-    from nash.sampling import TransformersSampler
+    from nash.sampling.hf import TransformersSampler
 
     prompts = [Prompt(id=f"p{i}", text=f"Describe thing {i} briefly.") for i in range(5)]
     cfg = load_config(None, ["sampling.backend=vllm", f"sampling.vllm.python={PYTHON}", "eval.max_new_tokens=10",
