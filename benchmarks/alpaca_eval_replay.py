@@ -45,7 +45,8 @@ def leaderboard_row(model: str) -> dict | None:
 
 
 def replay(records: list[dict], work: Path) -> dict:
-    from judges import build_alpaca_eval_judge
+    from nash.judges import build_alpaca_eval_judge
+
     from nash import evaluation
     from nash.config import OpenAIJudge
     from nash.records import Judgment, Prompt, Sample, read_jsonl

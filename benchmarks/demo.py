@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="nash-bench-"))
 
-    cmd = [sys.executable, "-m", "flows.cli", "run", args.config, "--runs-dir", str(runs_dir)]
+    cmd = [sys.executable, "-m", "nash.flows.cli", "run", args.config, "--runs-dir", str(runs_dir)]
     for s in args.set:
         cmd += ["--set", s]
     with Interval() as span:

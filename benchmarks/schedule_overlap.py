@@ -83,7 +83,7 @@ def main() -> None:
 
     with PrefectServer(work / "prefect") as server:
         t0 = time.time()
-        served = server.start([sys.executable, "-m", "flows.cli", "serve", str(ROOT / "configs" / "default.yaml"),
+        served = server.start([sys.executable, "-m", "nash.flows.cli", "serve", str(ROOT / "configs" / "default.yaml"),
                                "--cron", "* * * * *", "--iterations", "1", "--runs-dir", str(runs), *sets],
                               "serve.log")
         while time.time() - t0 < args.minutes * 60:

@@ -86,7 +86,7 @@ def _tie_temporary_server() -> None:
 def _run_locked(cfg, run: RunDir) -> int:
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
     # Prefect is imported only for commands that run flows.
-    from flows.round import round_flow
+    from nash.flows.round import round_flow
 
     _tie_temporary_server()
 
@@ -110,9 +110,8 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--interval: expected a number of seconds > 0, got {args.interval:g}")
     cfg = _config(args)
     run = _open_run(args, cfg)
+    from nash.flows.round import round_deployment
     from prefect import serve
-
-    from flows.round import round_deployment
 
     deployment = round_deployment(str(run.path), cfg.run.iterations, args.cron, args.interval)
     when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
@@ -143,7 +142,8 @@ def cmd_eval(args) -> int:
 
 
 def _eval_locked(args, run: RunDir) -> int:
-    from judges import close_judge
+    from nash.judges import close_judge
+
     from nash import evaluation, report
     from nash.records import write_json
 

@@ -6,11 +6,11 @@ import base64
 import json
 from pathlib import Path
 
+from nash.flows.iteration import artifact_key, iteration_flow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from flows.iteration import artifact_key, iteration_flow
 from nash import iteration as stages
 from nash import report
 from nash.registry import IterationDir, RunDir

@@ -1,8 +1,9 @@
-"""Judges: one protocol (`judges.base.Judge`), one module per judge family, chosen by `judge.kind`."""
+"""Judges: one protocol (`nash.judges.base.Judge`), one module per judge family, chosen by `judge.kind`."""
 
 from __future__ import annotations
 
-from judges.base import Budget, BudgetExhausted, Judge
+from nash.judges.base import Budget, BudgetExhausted, Judge
+
 from nash.errors import UserError
 
 
@@ -16,34 +17,36 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
     """
     kind = cfg.kind
     if kind == "rules":
-        from judges.rules import RulesJudge
+        from nash.judges.rules import RulesJudge
 
         return RulesJudge()
     if kind == "quality":
-        from judges.quality import QualityJudge
+        from nash.judges.quality import QualityJudge
 
         return QualityJudge(cfg)
     if kind == "reward_model":
-        from judges.reward_model import RewardModelJudge
+        from nash.judges.reward_model import RewardModelJudge
 
         return RewardModelJudge(cfg)
     if kind == "composite":
-        from judges.composite import CompositeJudge
+        from nash.judges.composite import CompositeJudge
 
         return CompositeJudge([build_judge(c, policy_path, precision, sampling, work_dir) for c in cfg.components],
                               cfg.weights,
                               cfg.combine)
-    from judges.cache import judgment_cache
-    from judges.lm import LMJudge
+    from nash.judges.cache import judgment_cache
+    from nash.judges.lm import LMJudge
 
     budget = Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd)
     if kind == "openai":
-        from judges.openai_judge import OpenAIBackend
+        from nash.judges.openai_judge import OpenAIBackend
+
         from nash.openai_client import read_api_key
 
         backend, concurrency = OpenAIBackend(cfg, read_api_key(cfg)), cfg.concurrency
     elif kind in ("self", "hf"):
-        from judges.local import LocalBackend
+        from nash.judges.local import LocalBackend
+
         from nash.policy import resolve_policy
         from nash.precision import resolve
 
@@ -53,7 +56,7 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
         if kind == "hf" or precision is None:
             precision = resolve(getattr(cfg, "precision", "auto"))
         if kind == "self" and sampling is not None and sampling.backend != "transformers":
-            from judges.served import served_policy_backend
+            from nash.judges.served import served_policy_backend
 
             backend = served_policy_backend(sampling, model, precision.inference_dtype, cfg.concurrency, work_dir)
             concurrency = cfg.concurrency
@@ -81,17 +84,17 @@ def check_judge(cfg, section: str, sampling=None, prompts=(), annotating: bool =
         for i, c in enumerate(cfg.components):
             check_judge(c, f"{section}.components[{i}]", sampling, prompts, annotating)
     elif kind == "rules":
-        from judges.rules import check_prompts
+        from nash.judges.rules import check_prompts
 
         check_prompts(list(prompts), f"{section}.kind", "evaluation" if annotating else "training")
     elif kind == "quality":
-        from judges.quality import resolve_embedder
+        from nash.judges.quality import resolve_embedder
 
         check_model(resolve_embedder(cfg.embedder), f"{section}.embedder")
     elif kind == "reward_model":
         check_model(resolve_policy(cfg.model), f"{section}.model")
     if kind in ("openai", "self", "hf"):
-        from judges.lm import template_path
+        from nash.judges.lm import template_path
 
         path = template_path(None if annotating else cfg.template, "pairwise" if annotating else cfg.protocol)
         try:
@@ -112,8 +115,8 @@ def check_judge(cfg, section: str, sampling=None, prompts=(), annotating: bool =
 
 def build_alpaca_eval_judge(cfg, annotator: str, model: str | None = None):
     """AlpacaEval 2.0's annotator `annotator` over the openai judge section `cfg` (judges.alpaca_eval)."""
-    from judges.alpaca_eval import AlpacaEvalJudge
-    from judges.cache import judgment_cache
+    from nash.judges.alpaca_eval import AlpacaEvalJudge
+    from nash.judges.cache import judgment_cache
 
     judge = AlpacaEvalJudge(cfg, annotator, model, budget=Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd))
     if cfg.cache:  # keyed by the judge's identity, which includes the package's template and request

@@ -21,8 +21,9 @@ import hashlib
 import inspect
 from functools import cached_property
 
-from judges.base import Budget, request_cost
-from judges.cache import JudgmentCache, cache_key
+from nash.judges.base import Budget, request_cost
+from nash.judges.cache import JudgmentCache, cache_key
+
 from nash.errors import UserError
 from nash.records import Judgment, Prompt
 
@@ -86,7 +87,8 @@ class AlpacaEvalJudge:
 
     def __init__(self, cfg, annotator: str = DEFAULT_ANNOTATOR, model: str | None = None,
                  cache: JudgmentCache | None = None, budget: Budget | None = None):
-        from judges.openai_judge import OpenAIBackend
+        from nash.judges.openai_judge import OpenAIBackend
+
         from nash.openai_client import read_api_key
 
         self.cfg = cfg

@@ -24,8 +24,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Protocol
 
-from judges.base import Budget, request_cost
-from judges.cache import JudgmentCache, cache_key
+from nash.judges.base import Budget, request_cost
+from nash.judges.cache import JudgmentCache, cache_key
+
 from nash.errors import UserError
 from nash.records import USAGE, Judgment, Prompt
 

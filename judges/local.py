@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from judges.lm import Reply
+from nash.judges.lm import Reply
+
 from nash.sampling import SamplingParams
 from nash.sampling.hf import TransformersSampler
 

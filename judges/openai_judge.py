@@ -11,7 +11,8 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from judges.lm import Reply
+from nash.judges.lm import Reply
+
 from nash.openai_client import create_completion, describe, make_client
 
 

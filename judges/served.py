@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from judges.local import (
+from nash.judges.local import (
     CHOICE_PREFIXES,
     CHOICES,
     SCORE_PREFIXES,
@@ -22,7 +22,8 @@ from judges.local import (
     weighted_choice_reply,
     weighted_score_reply,
 )
-from judges.openai_judge import OpenAIBackend, RequestFailed
+from nash.judges.openai_judge import OpenAIBackend, RequestFailed
+
 from nash.openai_client import create_completion, describe, read_api_key
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's limit

@@ -23,11 +23,11 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from judges import build_alpaca_eval_judge, build_judge, close_judge
-from judges.base import Judge
 from nash import report
 from nash.drift import load_texts, perplexity, token_kl
 from nash.errors import UserError
+from nash.judges import build_alpaca_eval_judge, build_judge, close_judge
+from nash.judges.base import Judge
 from nash.judging import judge_samples, outcome_counts
 from nash.policy import resolve_policy
 from nash.precision import for_config

@@ -18,11 +18,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from judges import build_judge, close_judge
 from nash import evaluation
 from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
 from nash.errors import UserError
+from nash.judges import build_judge, close_judge
 from nash.judging import judge_samples, outcome_counts
 from nash.policy import resolve_policy
 from nash.precision import for_config as precision_for

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from judges.base import BudgetExhausted, Judge
+from nash.judges.base import BudgetExhausted, Judge
 from nash.records import USAGE, Judgment, Prompt, Sample, append_jsonl, read_jsonl, repair_jsonl, write_jsonl
 from nash.supervisor import Progress
 

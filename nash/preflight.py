@@ -60,12 +60,12 @@ def preflight(cfg, run: RunDir) -> None:
         check_model(str(parent.policy), f"the policy of {parent.path.name} (the next iteration's parent)")
     check_lengths(cfg, policy, training, held_out)
     check_sampling(cfg.sampling)
-    from judges import check_judge
+    from nash.judges import check_judge
 
     if cfg.pairs.rule != "spin":
         check_judge(cfg.judge, "judge", cfg.sampling, training)
     if cfg.eval.protocol == "alpaca_eval":
-        from judges import build_alpaca_eval_judge
+        from nash.judges import build_alpaca_eval_judge
         from nash.openai_client import probe_server
 
         annotator = build_alpaca_eval_judge(cfg.eval.judge, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)

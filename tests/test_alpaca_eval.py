@@ -80,7 +80,7 @@ def run_package(srv, instructions, model, ref, glm):
 
 
 def run_nash(srv, instructions, model, ref, glm, out):
-    from judges import build_alpaca_eval_judge
+    from nash.judges import build_alpaca_eval_judge
 
     judge = build_alpaca_eval_judge(judge_config(srv.url), "weighted_alpaca_eval_gpt4_turbo")
     prompts = [Prompt(id=f"ref-{i:04d}", text=s, split="eval") for i, s in enumerate(instructions)]
@@ -156,8 +156,8 @@ def test_annotations_are_cached_and_budgeted(tmp_path, monkeypatch):
         assert prefs_again == prefs
         assert first["usage"]["tokens_in"] > 0 and again["usage"]["cached"] == paid - first["failed"]
 
-        from judges import build_alpaca_eval_judge
-        from judges.base import BudgetExhausted
+        from nash.judges import build_alpaca_eval_judge
+        from nash.judges.base import BudgetExhausted
 
         cfg = judge_config(srv.url).model_copy(update={"budget_tokens": 1, "cache": False})
         judge = build_alpaca_eval_judge(cfg, "weighted_alpaca_eval_gpt4_turbo")
@@ -175,7 +175,7 @@ def test_protocol_needs_an_openai_annotator(tmp_path):
 
 
 def test_unknown_annotator_names_the_key(monkeypatch):
-    from judges.alpaca_eval import AlpacaEvalConfigError, annotator_config
+    from nash.judges.alpaca_eval import AlpacaEvalConfigError, annotator_config
 
     with pytest.raises(AlpacaEvalConfigError, match="eval.alpaca_eval_annotator.*no annotator 'gpt5_magic'"):
         annotator_config("gpt5_magic")

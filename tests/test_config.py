@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
+from nash.flows.cli import main
 
-from flows.cli import main
 from nash.config import CompositeJudge, Config, ConfigError, QualityJudge, load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,8 +28,8 @@ async def _artifacts():
 
 
 def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, tmp_path, tiny_overrides, capsys):
-    from flows.cli import main
-    from flows.round import round_flow
+    from nash.flows.cli import main
+    from nash.flows.round import round_flow
 
     cfg = load_config(None, tiny_overrides + ["run.name=flowrun"])
     run = RunDir.create(tmp_path, cfg)
@@ -75,11 +75,11 @@ def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, t
 @pytest.mark.slow
 def test_cli_demo_iteration_on_the_embedded_default(tmp_path):
     """One real iteration of the embedded SmolLM2 through `nash run` and Prefect."""
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / "default.yaml"),
+    cmd = [sys.executable, "-m", "nash.flows.cli", "run", str(ROOT / "configs" / "default.yaml"),
            "--iterations", "1", "--runs-dir", str(tmp_path),
            "--set", "prompts.partition_size=16", "--set", "eval.num_prompts=16"]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=1800)
-    status = subprocess.run([sys.executable, "-m", "flows.cli", "status", "demo", "--runs-dir", str(tmp_path)],
+    status = subprocess.run([sys.executable, "-m", "nash.flows.cli", "status", "demo", "--runs-dir", str(tmp_path)],
                             check=True, cwd=ROOT, capture_output=True, text=True).stdout
     assert "complete" in status
     it = RunDir(tmp_path / "demo").iterations()[0]
@@ -96,7 +96,8 @@ async def _flow_runs():
 def test_cli_iteration_with_the_openai_judge_never_leaks_the_key(
     prefect_server, tmp_path, tiny_overrides, monkeypatch, capsys, caplog
 ):
-    from flows.cli import main
+    from nash.flows.cli import main
+
     from tests.openai_server import OpenAIServer
 
     key = "sk-test-secret-4f1c9e"
@@ -144,7 +145,7 @@ def test_api_key_from_a_prefect_secret_block(prefect_server, monkeypatch):
 
 
 def test_cli_reports_a_failed_iteration_in_one_line(prefect_server, tmp_path, tiny_overrides, capsys):
-    from flows.cli import main
+    from nash.flows.cli import main
 
     sets = [x for o in tiny_overrides + ["run.name=nopairs", "pairs.min_chosen_score=2"] for x in ("--set", o)]
     assert main(["run", str(ROOT / "configs" / "default.yaml"), "--iterations", "1",
@@ -156,8 +157,9 @@ def test_cli_reports_a_failed_iteration_in_one_line(prefect_server, tmp_path, ti
 def test_dno_recipe_evaluates_against_an_alpaca_eval_file(prefect_server, tmp_path, tiny_model_dir, monkeypatch,
                                                            capsys):
     """configs/dno_gpt4.yaml on the tiny model: the openai judge (loopback) annotates against a reference file."""
-    from flows.cli import main
-    from flows.round import summary_markdown
+    from nash.flows.cli import main
+    from nash.flows.round import summary_markdown
+
     from tests.openai_server import OpenAIServer, default_reply
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-dno-test")

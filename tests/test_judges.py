@@ -1,6 +1,6 @@
 import pytest
+from nash.judges import build_judge
 
-from judges import build_judge
 from nash.config import load_config
 from nash.records import Prompt
 

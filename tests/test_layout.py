@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"nash": "nash", "judges": "judges", "flows": "flows"}
+PACKAGES = {"nash": "nash", "nash.judges": "judges", "nash.flows": "flows"}
 
 
 def _modules() -> dict[str, Path]:
@@ -14,7 +14,7 @@ def _modules() -> dict[str, Path]:
     for top, folder in PACKAGES.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT / folder).with_suffix("")
-            parts = [top, *rel.parts]
+            parts = [*top.split("."), *rel.parts]
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             out[".".join(parts)] = path
@@ -87,7 +87,7 @@ def test_the_cycle_check_finds_a_cycle():
 
 def test_nash_never_imports_prefect_at_module_level():
     for name, path in _modules().items():
-        if name.startswith("nash"):
+        if name.startswith("nash") and not name.startswith("nash.flows"):
             top = ast.parse(path.read_text(encoding="utf-8")).body
             imported = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
             imported += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]

@@ -1,8 +1,8 @@
 """The quality signal and the degeneration measures, on hand-made answers."""
 
 import pytest
+from nash.judges import build_judge
 
-from judges import build_judge
 from nash import quality
 from nash.config import load_config
 from nash.prompts import builtin_prompts

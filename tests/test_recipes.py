@@ -17,7 +17,7 @@ SMALL = ["--set", "prompts.partition_size=16", "--set", "eval.num_prompts=16"]
 
 
 def nash_run(recipe, runs, *extra, env=None):
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "configs" / recipe), "--iterations", "1",
+    cmd = [sys.executable, "-m", "nash.flows.cli", "run", str(ROOT / "configs" / recipe), "--iterations", "1",
            "--runs-dir", str(runs), *SMALL, *extra]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=1800, env={**os.environ, **(env or {})})
 

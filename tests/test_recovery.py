@@ -103,7 +103,7 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path
             with run_lock(run, "nash run"):
                 pass
         # Through the CLI, a second `nash run` and a rollback: one line naming the holder, exit status 2.
-        outs = [subprocess.run([sys.executable, "-m", "flows.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+        outs = [subprocess.run([sys.executable, "-m", "nash.flows.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
                 for cmd in (["run", "configs/default.yaml", "--runs-dir", str(tmp_path), "--set", "run.name=r"],
                             ["rollback", str(run), "--to", "0"])]
     finally:
@@ -129,7 +129,8 @@ def test_keep_policies_validation():
 
 
 def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
-    from flows.cli import main
+    from nash.flows.cli import main
+
     from nash import iteration
     from nash.policy import resolve_policy
 
@@ -176,7 +177,8 @@ def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
 
 
 def test_rejudge_asks_only_the_failed_judgments_again(tmp_path, tiny_overrides, monkeypatch, capsys):
-    from flows.cli import main
+    from nash.flows.cli import main
+
     from nash import iteration
 
     monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
@@ -217,7 +219,7 @@ def test_killed_nash_run_takes_prefects_temporary_server_with_it(tmp_path, tiny_
     log = tmp_path / "run.log"
     sets = [x for o in [*tiny_overrides, "run.name=eph"] for x in ("--set", o)]
     with open(log, "w") as out:
-        p = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "configs/default.yaml", "--iterations", "1",
+        p = subprocess.Popen([sys.executable, "-m", "nash.flows.cli", "run", "configs/default.yaml", "--iterations", "1",
                               "--runs-dir", str(tmp_path), *sets], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:

@@ -31,7 +31,7 @@ INTERVAL_S = 15
 
 def _serve(server: PrefectServer, runs: Path, overrides: list[str], *schedule: str):
     sets = [x for o in overrides for x in ("--set", o)]
-    return server.start([sys.executable, "-m", "flows.cli", "serve", str(ROOT / "configs" / "default.yaml"),
+    return server.start([sys.executable, "-m", "nash.flows.cli", "serve", str(ROOT / "configs" / "default.yaml"),
                          *schedule, "--iterations", "1", "--runs-dir", str(runs), *sets], "serve.log")
 
 
