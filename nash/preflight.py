@@ -49,6 +49,21 @@ def preflight(cfg, run: RunDir) -> None:
             f"{cfg.prompts.reference_field!r} value (prompts.reference_field)"
         )
     held_out = eval_prompts(cfg, all_prompts)
+    # Keys, secrets and servers first: they take milliseconds; the policy may need converting.
+    check_sampling(cfg.sampling)
+    from nash.judges import check_judge
+
+    if cfg.pairs.rule != "spin":
+        check_judge(cfg.judge, "judge", cfg.sampling, training)
+    annotator, section = (cfg.eval.judge, "eval.judge") if cfg.eval.judge else (cfg.judge, "judge")
+    if cfg.eval.protocol == "alpaca_eval":
+        from nash.judges import build_alpaca_eval_judge
+        from nash.openai_client import probe_server
+
+        built = build_alpaca_eval_judge(annotator, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)
+        probe_server(built.backend.client, section)
+    else:
+        check_judge(annotator, section, cfg.sampling, held_out, annotating=True)
     if cfg.eval.drift_prompts:
         from nash.drift import load_texts
 
@@ -59,20 +74,6 @@ def preflight(cfg, run: RunDir) -> None:
     if parent is not None:
         check_model(str(parent.policy), f"the policy of {parent.path.name} (the next iteration's parent)")
     check_lengths(cfg, policy, training, held_out)
-    check_sampling(cfg.sampling)
-    from nash.judges import check_judge
-
-    if cfg.pairs.rule != "spin":
-        check_judge(cfg.judge, "judge", cfg.sampling, training)
-    if cfg.eval.protocol == "alpaca_eval":
-        from nash.judges import build_alpaca_eval_judge
-        from nash.openai_client import probe_server
-
-        annotator = build_alpaca_eval_judge(cfg.eval.judge, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)
-        probe_server(annotator.backend.client, "eval.judge")
-    else:
-        check_judge(cfg.eval.judge or cfg.judge, "eval.judge" if cfg.eval.judge else "judge", cfg.sampling,
-                    held_out, annotating=True)
 
 
 def context_length(policy: str) -> int | None:

@@ -102,13 +102,17 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path
         with pytest.raises(RunLocked, match=rf"locked by pid {p.pid} on .* since "):
             with run_lock(run, "nash run"):
                 pass
-        # Through the CLI, a second `nash run` and a rollback: one line naming the holder, exit status 2.
-        outs = [subprocess.run([sys.executable, "-m", "nash.flows.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+        # Through the CLI, a second `nash run` and a rollback: one line naming the holder, exit status 2,
+        # before anything is loaded: on an empty cache the embedded model is not even converted.
+        env = {**os.environ, "NASH_CACHE": str(tmp_path / "empty-cache")}
+        outs = [subprocess.run([sys.executable, "-m", "nash.flows.cli", *cmd], cwd=ROOT, capture_output=True, text=True,
+                               env=env)
                 for cmd in (["run", "configs/default.yaml", "--runs-dir", str(tmp_path), "--set", "run.name=r"],
                             ["rollback", str(run), "--to", "0"])]
     finally:
         p.kill()
         p.wait()
+    assert not (tmp_path / "empty-cache").exists()
     for out in outs:
         assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
         assert f"nash: error: run r is locked by pid {p.pid}" in out.stderr
