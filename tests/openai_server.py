@@ -2,7 +2,8 @@
 
 `script` is a list of behaviours consumed one per request; when it is empty, `fault` (a function
 of the user prompt, returning a behaviour or None) is asked, then the default responder answers.
-Behaviours: ("ok", text), ("429", retry_after_s), ("500",), ("slow", seconds, text), ("401",),
+Behaviours: ("ok", text), ("429", retry_after_s), ("500",), ("slow", seconds, text), ("hold", event, text) until the
+test sets the event, ("401",),
 and the replies that cannot be decoded: ("garbled",) a 200 whose JSON is cut off,
 ("invalid_json",) a 200 with an HTML page, ("not_completion",) a 200 with JSON but no `choices`,
 ("truncated",) a 200 whose connection closes half-way through the promised body, ("drop",) a
@@ -129,6 +130,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._hang_up(kind)
         if kind == "slow":
             time.sleep(behaviour[1])
+            text = behaviour[2]
+        elif kind == "hold":  # until the test sets the event
+            behaviour[1].wait(60)
             text = behaviour[2]
         else:
             text = behaviour[1]

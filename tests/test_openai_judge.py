@@ -50,12 +50,10 @@ def test_pointwise_scores_usage_and_cost(server):
 def test_429_with_retry_after_and_500_are_retried(server):
     judge = judge_for(server)
     server.script = [("429", 1), ("500",)]
-    start = time.monotonic()
     out = judge.score(PROMPT, CANDS[:1])
     assert out[0].outcome == "scored"
     assert len(server.requests) == 3  # 429, 500, then the good reply
     assert server.requests[1]["t"] - server.requests[0]["t"] >= 0.9  # waited for Retry-After: 1
-    assert time.monotonic() - start < 10
 
 
 def test_slow_reply_times_out_and_is_retried(server):
@@ -198,12 +196,16 @@ def test_replies_are_cached_as_they_arrive_not_when_the_batch_ends(server):
     import time
 
     judge = judge_for(server, "judge.concurrency=3")
-    # The first request answers after 3 s; the other two at once, and are cached while it waits,
-    # so a kill in those 3 s would repay only the one in flight.
-    server.script = [("slow", 3.0, "Fine.\nScore: 4")]
+    # The first request is held; the other two answer at once and are cached while it waits, so a
+    # kill meanwhile would repay only the one in flight.
+    release = threading.Event()
+    server.script = [("hold", release, "Fine.\nScore: 4")]
     done = threading.Thread(target=judge.score, args=(PROMPT, CANDS))
     done.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while len(judge.cache) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert done.is_alive() and len(judge.cache) == 2
+    release.set()
     done.join()
     assert len(judge.cache) == 3
