@@ -98,8 +98,8 @@ def _run_locked(cfg, run: RunDir) -> int:
             raise
         print_status(run)
         print(f"nash: error: {failed[-1].path.name} failed at {failed[-1].manifest().get('error')}\n"
-              f"  the stages before it are kept; fix the cause and run the same command to resume",
-              file=sys.stderr)
+              f"  the stages before it are kept; fix the cause and run the same command to resume "
+              f"(traceback: {failed[-1].manifest_path})", file=sys.stderr)
         return 1
     print_status(run)
     return 0

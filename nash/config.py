@@ -483,7 +483,11 @@ def _line_index(node: yaml.Node, path: tuple = (), out: dict | None = None) -> d
 def _read_yaml(path: Path, lines: dict[str, str]) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 ({e.reason}); save the file as UTF-8") from None
     try:
         data = yaml.safe_load(text) or {}
         node = yaml.compose(text)

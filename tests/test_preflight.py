@@ -172,3 +172,12 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, tiny_overr
     with pytest.raises(FileNotFoundError, match="/internal/file"):
         main(["run", CONFIG, "--runs-dir", str(tmp_path), *[a for o in tiny_overrides
                                                                               for a in ("--set", o)]])
+
+
+def test_a_config_file_in_latin1_names_its_line(tmp_path):
+    from nash.config import ConfigError
+
+    path = tmp_path / "mine.yaml"
+    path.write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"mine.yaml:2: not UTF-8"):
+        load_config(path)
