@@ -38,6 +38,7 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
     from nash.judges.lm import LMJudge
 
     budget = Budget(max_tokens=cfg.budget_tokens, max_usd=cfg.budget_usd)
+    batch_requests = None  # remote backends: prompt by prompt, `concurrency` at a time
     if kind == "openai":
         from nash.judges.openai_judge import OpenAIBackend
 
@@ -61,11 +62,14 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
             backend = served_policy_backend(sampling, model, precision.inference_dtype, cfg.concurrency, work_dir)
             concurrency = cfg.concurrency
         else:
+            # One model in this process: prompts one chunk at a time, `batch_size` requests per pass.
             backend, concurrency = LocalBackend(model, precision.inference_dtype, cfg.batch_size), 1
+            batch_requests = cfg.batch_size
     else:
         raise ValueError(f"judge.kind: unknown judge {kind!r}")
     cache = judgment_cache(backend.identity) if cfg.cache else None
-    return LMJudge(kind, backend, cfg, cache=cache, budget=budget, concurrency=concurrency)
+    return LMJudge(kind, backend, cfg, cache=cache, budget=budget, concurrency=concurrency,
+                   batch_requests=batch_requests)
 
 
 def check_judge(cfg, section: str, sampling=None, prompts=(), annotating: bool = False) -> None:

@@ -1,7 +1,11 @@
 """The judge protocol, and what every judge shares: usage accounting and the budget.
 
 A judge scores the K candidates of one prompt (pointwise, as Self-Rewarding and DNO do),
-returning one `Judgment` per candidate in order. Judges that can also compare two
+returning one `Judgment` per candidate in order. A judge that computes on this machine may
+also implement `score_batch(items)`: `score` of each (prompt, candidates) item, in order,
+computed together, with `batch_requests` (the requests it batches in one pass) and
+`prompt_requests(k)` (the requests of a prompt of k candidates), so that judging hands it
+about one pass's worth of prompts at once. Judges that can also compare two
 candidates directly implement `compare`. A candidate the judge could not score is a
 `failed` judgment with the raw reply and the error, never a made-up score, so pair
 selection leaves it out and the manifest counts it.
@@ -21,6 +25,18 @@ class Judge(Protocol):
     concurrency: int  # prompts judged at once
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
+        ...
+
+
+class BatchJudge(Judge, Protocol):
+    """A judge that batches across prompts: judging hands it chunks of about `batch_requests` requests."""
+
+    batch_requests: int | None  # requests batched in one pass; None: judged prompt by prompt
+
+    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[Judgment]]:
+        ...
+
+    def prompt_requests(self, k: int) -> int:
         ...
 
 

@@ -30,9 +30,17 @@ class CompositeJudge:
         return sum(w * s for w, s in zip(self.weights, scores)) / sum(self.weights)
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
-        per_judge = [c.score(prompt, candidates) for c in self.components]
+        return self.score_batch([(prompt, candidates)])[0]
+
+    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[Judgment]]:
+        """Each component's `score_batch` over all the items, then the scores combined per candidate."""
+        per_judge = [c.score_batch(items) if hasattr(c, "score_batch") else [c.score(p, cs) for p, cs in items]
+                     for c in self.components]
+        return [self._merge(prompt, [js[n] for js in per_judge]) for n, (prompt, _) in enumerate(items)]
+
+    def _merge(self, prompt: Prompt, per_judge: list[list[Judgment]]) -> list[Judgment]:
         out = []
-        for k in range(len(candidates)):
+        for k in range(len(per_judge[0])):
             parts = [js[k] for js in per_judge]
             usage = {key: sum(getattr(p, key) for p in parts) for key in USAGE}
             details = {"components": [{"judge": p.judge, "score": p.score, "outcome": p.outcome,

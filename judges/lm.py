@@ -10,7 +10,8 @@
 
 The backend (an OpenAI-compatible server, or a local transformers model) only turns a list
 of chat requests into replies. Caching, the budget, and re-asking after a malformed reply
-live here, once for every backend.
+live here, once for every backend. `score_batch` asks the requests of several prompts in one
+list, which a local backend batches `judge.batch_size` at a time across prompt boundaries.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class LMJudge:
     SCALES = {"pointwise": (0.0, 5.0), "batched": (1.0, 6.0), "pairwise": (0.0, 1.0)}
 
     def __init__(self, name: str, backend: Backend, cfg, cache: JudgmentCache | None = None,
-                 budget: Budget | None = None, concurrency: int = 1):
+                 budget: Budget | None = None, concurrency: int = 1, batch_requests: int | None = None):
         self.name = name
         self.backend = backend
         self.cfg = cfg
@@ -134,6 +135,10 @@ class LMJudge:
         self.cache = cache
         self.budget = budget or Budget()
         self.concurrency = concurrency
+        # Requests the backend batches in one pass (a local model's judge.batch_size): judging hands
+        # `score_batch` that many requests' worth of prompts at once. None: a remote backend, judged
+        # prompt by prompt, `concurrency` prompts at a time.
+        self.batch_requests = batch_requests
         # Probability-weighted verdicts, where the backend can read them: the expected score
         # (pointwise, local judges) or P(a) against P(b) (pairwise: local judges, and openai
         # servers that return logprobs).
@@ -241,15 +246,40 @@ class LMJudge:
         return Judgment(prompt_id=prompt.id, candidate=candidate, judge=self.name, raw=r["raw"], **usage, **fields)
 
     # -- protocols ---------------------------------------------------------------------
+    #
+    # Each protocol turns one prompt's candidates into requests (`_requests_<protocol>`: the
+    # requests and the parser of their replies) and the answers to them into judgments
+    # (`_judgments_<protocol>`). `score_batch` asks the requests of all its prompts in one
+    # `_ask`, so a local backend batches them whatever the prompt boundaries; usage stays per
+    # request, hence per prompt, exactly as when each prompt is judged alone.
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
-        return getattr(self, f"_score_{self.protocol}")(prompt, candidates)
+        return self.score_batch([(prompt, candidates)])[0]
 
-    def _score_pointwise(self, prompt, candidates):
+    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[Judgment]]:
+        """`score` of each (prompt, candidates) item, in order, with every item's requests asked together."""
+        make = getattr(self, f"_requests_{self.protocol}")
+        build = getattr(self, f"_judgments_{self.protocol}")
+        reqs, parsers, spans = [], [], []
+        for prompt, candidates in items:
+            r, parse = make(prompt, candidates)
+            spans.append((len(reqs), len(reqs) + len(r)))
+            reqs += r
+            parsers += [parse] * len(r)
+        results = self._ask(reqs, lambda text, i: parsers[i](text))
+        return [build(prompt, candidates, results[a:b]) for (prompt, candidates), (a, b) in zip(items, spans)]
+
+    def prompt_requests(self, k: int) -> int:
+        """Requests one prompt of `k` candidates makes (before re-asks)."""
+        return {"pointwise": k * self.cfg.repeats, "batched": 1, "pairwise": k * (k - 1)}[self.protocol]
+
+    def _requests_pointwise(self, prompt, candidates):
         low, high = self.SCALES["pointwise"]
         reqs = [(self.template.safe_substitute(instruction=prompt.text, response=c), rep)
                 for c in candidates for rep in range(self.cfg.repeats)]
-        results = self._ask(reqs, lambda text, _i: parse_score(text, low, high))
+        return reqs, lambda text: parse_score(text, low, high)
+
+    def _judgments_pointwise(self, prompt, candidates, results):
         out = []
         for k in range(len(candidates)):
             rs = results[k * self.cfg.repeats : (k + 1) * self.cfg.repeats]
@@ -263,12 +293,16 @@ class LMJudge:
                 out.append(self._judgment(prompt, k, merged, outcome="failed", error=rs[-1]["error"]))
         return out
 
-    def _score_batched(self, prompt, candidates):
+    def _requests_batched(self, prompt, candidates):
         low, high = self.SCALES["batched"]
         ids = candidate_ids(len(candidates))
         block = "\n\n".join(f"[Candidate {cid}]\n{text}" for cid, text in zip(ids, candidates))
         text = self.template.safe_substitute(instruction=prompt.text, candidates=block)
-        r = self._ask([(text, 0)], lambda t, _i: parse_batched(t, ids, low, high))[0]
+        return [(text, 0)], lambda t: parse_batched(t, ids, low, high)
+
+    def _judgments_batched(self, prompt, candidates, results):
+        (r,) = results
+        ids = candidate_ids(len(candidates))
         scores = r["value"] or r.get("partial") or {}
         out = []
         for k, cid in enumerate(ids):
@@ -323,10 +357,12 @@ class LMJudge:
         return self._judgment(prompt, i, usage, outcome="preferred", other=j, winner=i if verdict == "a" else j,
                               details=details)
 
-    def _score_pairwise(self, prompt, candidates):
+    def _requests_pairwise(self, prompt, candidates):
+        pairs = [(candidates[i], candidates[j]) for i, j in combinations(range(len(candidates)), 2)]
+        return self._compare_requests(prompt, pairs), self._parse_verdict
+
+    def _judgments_pairwise(self, prompt, candidates, results):
         index_pairs = list(combinations(range(len(candidates)), 2))
-        results = self._ask(self._compare_requests(prompt, [(candidates[i], candidates[j]) for i, j in index_pairs]),
-                            self._parse_verdict)
         comparisons = [self._pair_judgment(prompt, i, j, results[2 * n], results[2 * n + 1])
                        for n, (i, j) in enumerate(index_pairs)]
         out = []

@@ -1,7 +1,8 @@
 """The local judge backend: a causal LM on this machine writes the verdicts.
 
 Used by `self` (the policy that sampled the candidates judges them, as in Self-Rewarding)
-and `hf` (any local or hub causal LM). Requests of one prompt are generated as one batch.
+and `hf` (any local or hub causal LM). The requests of one `complete` call (those of a chunk of
+prompts: nash.judging) run `batch_size` at a time in one forward pass, whatever their prompts.
 
 `weighted` replies skip generation: the reply is prefilled with "Score: " and the score is
 the probability-weighted mean of the scale's values from the next-token distribution (the

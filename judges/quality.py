@@ -93,10 +93,29 @@ class QualityJudge:
         self.precision = resolve(cfg.precision, device="cpu")
         self.embedder = get_embedder(cfg.embedder, self.precision.inference_dtype)
 
+    @property
+    def batch_requests(self) -> int:
+        return self.embedder.batch_size
+
+    @staticmethod
+    def prompt_requests(k: int) -> int:
+        return k + 1  # the topic and each answer
+
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
+        return self.score_batch([(prompt, candidates)])[0]
+
+    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[Judgment]]:
+        """`score` of each item, with the topics and answers of all of them embedded in one call."""
+        emb = self.embedder.embed([t for prompt, candidates in items for t in (prompt.topic or prompt.text, *candidates)])
+        out, at = [], 0
+        for prompt, candidates in items:
+            topic, answers = emb[at], emb[at + 1 : at + 1 + len(candidates)]
+            at += 1 + len(candidates)
+            out.append(self._judgments(prompt, candidates, (answers @ topic).tolist()))
+        return out
+
+    def _judgments(self, prompt: Prompt, candidates: list[str], relevance: list[float]) -> list[Judgment]:
         c = self.cfg
-        emb = self.embedder.embed([prompt.topic or prompt.text, *candidates])
-        relevance = (emb[1:] @ emb[0]).tolist()
         out = []
         for k, text in enumerate(candidates):
             n = len(quality.words(text))

@@ -34,18 +34,34 @@ class RewardModelJudge:
 
         return chat_text(self.tokenizer, prompt, response)
 
+    @property
+    def batch_requests(self) -> int:
+        return self.cfg.batch_size
+
+    @staticmethod
+    def prompt_requests(k: int) -> int:
+        return k
+
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
-        texts = [self._text(prompt.text, c) for c in candidates]
+        return self.score_batch([(prompt, candidates)])[0]
+
+    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[Judgment]]:
+        """`score` of each item, the candidates of all of them scored `batch_size` at a time."""
+        texts = [self._text(prompt.text, c) for prompt, candidates in items for c in candidates]
         scores = []
         for start in range(0, len(texts), self.cfg.batch_size):
             enc = self.tokenizer(texts[start : start + self.cfg.batch_size], return_tensors="pt", padding=True,
                                  truncation=True, max_length=self.cfg.max_length).to(self.precision.device)
             with self.torch.inference_mode():
                 scores += self.model(**enc).logits[:, 0].float().tolist()
-        return [
-            Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="scored", score=s)
-            if math.isfinite(s) else
-            Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="failed",
-                     error=f"the reward model gave {s}, not a finite score")
-            for k, s in enumerate(scores)
-        ]
+        out, at = [], 0
+        for prompt, candidates in items:
+            out.append([self._judgment(prompt, k, s) for k, s in enumerate(scores[at : at + len(candidates)])])
+            at += len(candidates)
+        return out
+
+    def _judgment(self, prompt: Prompt, k: int, s: float) -> Judgment:
+        if math.isfinite(s):
+            return Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="scored", score=s)
+        return Judgment(prompt_id=prompt.id, candidate=k, judge=self.name, outcome="failed",
+                        error=f"the reward model gave {s}, not a finite score")

@@ -21,6 +21,10 @@ def check_prompts(prompts: list[Prompt], section: str, where: str) -> None:
 class RulesJudge:
     name = "rules"
     concurrency = 1
+    batch_requests = None  # nothing to batch: judging needs no chunks for it
+
+    def score_batch(self, items: list[tuple[Prompt, list[str]]]) -> list[list[Judgment]]:
+        return [self.score(prompt, candidates) for prompt, candidates in items]
 
     def score(self, prompt: Prompt, candidates: list[str]) -> list[Judgment]:
         if not prompt.constraints:
