@@ -124,3 +124,26 @@ def test_setting_another_judge_kind_drops_the_files_judge_keys():
     assert cfg.judge.kind == "openai" and cfg.judge.base_url == "http://127.0.0.1:9/v1" and cfg.judge.model == "m"
     rec = load_config(ROOT / "configs" / "self_rewarding.yaml")
     assert rec.judge.kind == "self" and rec.judge.protocol == "pointwise"
+
+
+def test_defaults_are_the_ones_default_yaml_writes_out():
+    """One source of truth: a recipe without `base:` gets what configs/default.yaml documents."""
+    from nash.config import Config
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    schema = dict(leaves(Config().model_dump(mode="json")))
+    written = dict(leaves(load_config(ROOT / "configs" / "default.yaml").model_dump(mode="json")))
+    assert len(schema) > 80  # the walk reached every section
+    assert {k: (schema.get(k), written.get(k)) for k in schema.keys() | written.keys()
+            if schema.get(k) != written.get(k)} == {}
+    # default.yaml writes every key out: none of them comes from the schema alone.
+    import yaml
+
+    text = dict(leaves(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())))
+    assert sorted(schema.keys() - text.keys()) == []
