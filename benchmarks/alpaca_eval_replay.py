@@ -45,10 +45,9 @@ def leaderboard_row(model: str) -> dict | None:
 
 
 def replay(records: list[dict], work: Path) -> dict:
-    from nash.judges import build_alpaca_eval_judge
-
     from nash import evaluation
     from nash.config import OpenAIJudge
+    from nash.judges import build_alpaca_eval_judge
     from nash.records import Judgment, Prompt, Sample, read_jsonl
     from tests.openai_server import OpenAIServer
 

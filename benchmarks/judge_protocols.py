@@ -26,9 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nash.judges import build_judge  # noqa: E402
-
 from nash.config import load_config  # noqa: E402
+from nash.judges import build_judge  # noqa: E402
 from nash.judging import judge_samples, outcome_counts  # noqa: E402
 from nash.pairs import select_pairs  # noqa: E402
 from nash.policy import EMBEDDED, resolve_policy  # noqa: E402

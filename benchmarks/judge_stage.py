@@ -40,10 +40,9 @@ JUDGES = {
 def child(args) -> None:
     """Judge the iteration's samples with one judge in the code of `args.tree`; write timings and judgments."""
     sys.path.insert(0, args.tree)
-    from nash.judges import build_judge, close_judge
-
     import nash.judging as judging
     from nash.config import load_config
+    from nash.judges import build_judge, close_judge
     from nash.records import Prompt, Sample, read_jsonl
     from nash.registry import IterationDir
 

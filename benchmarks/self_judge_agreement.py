@@ -20,9 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nash.judges import build_judge  # noqa: E402
-
 from benchmarks.machine import Interval, describe  # noqa: E402
+from nash.judges import build_judge  # noqa: E402
 from nash.precision import resolve  # noqa: E402
 from nash.records import Judgment, Prompt, Sample, read_jsonl  # noqa: E402
 from nash.registry import IterationDir  # noqa: E402

@@ -110,8 +110,9 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--interval: expected a number of seconds > 0, got {args.interval:g}")
     cfg = _config(args)
     run = _open_run(args, cfg)
-    from nash.flows.round import round_deployment
     from prefect import serve
+
+    from nash.flows.round import round_deployment
 
     deployment = round_deployment(str(run.path), cfg.run.iterations, args.cron, args.interval)
     when = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
@@ -142,9 +143,8 @@ def cmd_eval(args) -> int:
 
 
 def _eval_locked(args, run: RunDir) -> int:
-    from nash.judges import close_judge
-
     from nash import evaluation, report
+    from nash.judges import close_judge
     from nash.records import write_json
 
     its = [it for it in run.iterations() if it.complete and (args.iteration is None or it.index == args.iteration)]

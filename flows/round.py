@@ -6,13 +6,13 @@ import base64
 import json
 from pathlib import Path
 
-from nash.flows.iteration import artifact_key, iteration_flow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from nash import iteration as stages
 from nash import report
+from nash.flows.iteration import artifact_key, iteration_flow
 from nash.registry import IterationDir, RunDir
 from nash.report import iteration_row
 from nash.runlock import run_lock

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from nash.judges.base import Budget, BudgetExhausted, Judge
-
 from nash.errors import UserError
+from nash.judges.base import Budget, BudgetExhausted, Judge
 
 
 def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=None, work_dir=None) -> Judge:
@@ -41,13 +40,11 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
     batch_requests = None  # remote backends: prompt by prompt, `concurrency` at a time
     if kind == "openai":
         from nash.judges.openai_judge import OpenAIBackend
-
         from nash.openai_client import read_api_key
 
         backend, concurrency = OpenAIBackend(cfg, read_api_key(cfg)), cfg.concurrency
     elif kind in ("self", "hf"):
         from nash.judges.local import LocalBackend
-
         from nash.policy import resolve_policy
         from nash.precision import resolve
 
@@ -72,7 +69,7 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
                    batch_requests=batch_requests)
 
 
-def check_judge(cfg, section: str, sampling=None, prompts=(), annotating: bool = False) -> None:
+def check_judge(cfg, section: str, prompts=(), annotating: bool = False) -> None:
     """What building the judge of `cfg` needs, checked without loading a model or paying a request.
 
     Raises a UserError naming `section.key`: a key or Prefect Secret that is missing, a server that
@@ -86,7 +83,7 @@ def check_judge(cfg, section: str, sampling=None, prompts=(), annotating: bool =
     kind = cfg.kind
     if kind == "composite":
         for i, c in enumerate(cfg.components):
-            check_judge(c, f"{section}.components[{i}]", sampling, prompts, annotating)
+            check_judge(c, f"{section}.components[{i}]", prompts, annotating)
     elif kind == "rules":
         from nash.judges.rules import check_prompts
 
@@ -108,13 +105,10 @@ def check_judge(cfg, section: str, sampling=None, prompts=(), annotating: bool =
     if kind == "openai":
         from nash.openai_client import make_client, probe_server, read_api_key
 
-        probe_server(make_client(read_api_key(cfg, section), cfg.base_url, 10.0, 0), section)
+        probe_server(make_client(read_api_key(cfg, section), cfg.base_url, cfg.timeout_s, cfg.max_retries), section)
     elif kind == "hf":
         check_model(resolve_policy(cfg.model), f"{section}.model")
-    elif kind == "self" and sampling is not None and sampling.backend == "vllm":
-        from nash.vllm_engine import check_engine
-
-        check_engine(sampling.vllm, 1)
+    # `self` on a served policy needs only what the sampling backend needs: nash.preflight checks that.
 
 
 def build_alpaca_eval_judge(cfg, annotator: str, model: str | None = None):

@@ -21,10 +21,9 @@ import hashlib
 import inspect
 from functools import cached_property
 
+from nash.errors import UserError
 from nash.judges.base import Budget, request_cost
 from nash.judges.cache import JudgmentCache, cache_key
-
-from nash.errors import UserError
 from nash.records import Judgment, Prompt
 
 DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -88,7 +87,6 @@ class AlpacaEvalJudge:
     def __init__(self, cfg, annotator: str = DEFAULT_ANNOTATOR, model: str | None = None,
                  cache: JudgmentCache | None = None, budget: Budget | None = None):
         from nash.judges.openai_judge import OpenAIBackend
-
         from nash.openai_client import read_api_key
 
         self.cfg = cfg

@@ -25,10 +25,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Protocol
 
+from nash.errors import UserError
 from nash.judges.base import Budget, request_cost
 from nash.judges.cache import JudgmentCache, cache_key
-
-from nash.errors import UserError
 from nash.records import USAGE, Judgment, Prompt
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from nash.judges.lm import Reply
-
 from nash.sampling import SamplingParams
 from nash.sampling.hf import TransformersSampler
 

@@ -12,7 +12,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from nash.judges.lm import Reply
-
 from nash.openai_client import create_completion, describe, make_client
 
 

@@ -23,7 +23,6 @@ from nash.judges.local import (
     weighted_score_reply,
 )
 from nash.judges.openai_judge import OpenAIBackend, RequestFailed
-
 from nash.openai_client import create_completion, describe, read_api_key
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's limit

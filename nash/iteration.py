@@ -23,7 +23,7 @@ from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
 from nash.errors import UserError
 from nash.judges import build_judge, close_judge
-from nash.judging import judge_samples, outcome_counts
+from nash.judging import OUTCOMES, judge_samples, outcome_counts
 from nash.policy import resolve_policy
 from nash.precision import for_config as precision_for
 from nash.preflight import eval_prompts, load_run_prompts
@@ -211,7 +211,7 @@ def train(iter_dir: str, progress: Progress | None = None) -> str:
         if not read_jsonl(it.pairs, Pair):
             m = it.manifest()
             reasons = m.get("pairs", {}).get("drop_reasons", {})
-            judged = {k: m.get("judge_outcomes", {}).get(k, 0) for k in ("scored", "preferred", "tie", "failed")}
+            judged = {k: m.get("judge_outcomes", {}).get(k, 0) for k in OUTCOMES}
             raise RuntimeError(
                 f"no pairs kept in {it.pairs} (dropped: {reasons}; judgments: {judged}); lower pairs.min_margin "
                 "or pairs.min_chosen_score, or raise sampling.n"

@@ -32,6 +32,8 @@ from nash.judges.base import BudgetExhausted, Judge
 from nash.records import USAGE, Judgment, Prompt, Sample, append_jsonl, read_jsonl, repair_jsonl, write_jsonl
 from nash.supervisor import Progress
 
+OUTCOMES = ("scored", "preferred", "tie", "failed")  # the outcomes of Judgment records, counted
+
 
 def judge_samples(
     judge: Judge,
@@ -163,7 +165,7 @@ def _complete_groups(out_path: Path, by_prompt: dict[str, list[Sample]]) -> list
 
 def outcome_counts(judgments: list[Judgment]) -> dict:
     counts = Counter(j.outcome for j in judgments)
-    out = {k: counts.get(k, 0) for k in ("scored", "preferred", "tie", "failed")}
+    out = {k: counts.get(k, 0) for k in OUTCOMES}
     for key in USAGE:
         out[key] = sum(getattr(j, key) for j in judgments)
     out["cost_usd"] = round(out["cost_usd"], 6)

@@ -58,7 +58,7 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None)
 
 
 def load_reward_model(path: str, dtype: str, device: str):
-    """A sequence-classification model that knows the tokenizer's pad token."""
+    """A sequence-classification model (a reward model), in eval mode on `device`."""
     import torch
     from transformers import AutoModelForSequenceClassification
 

@@ -54,7 +54,7 @@ def preflight(cfg, run: RunDir) -> None:
     from nash.judges import check_judge
 
     if cfg.pairs.rule != "spin":
-        check_judge(cfg.judge, "judge", cfg.sampling, training)
+        check_judge(cfg.judge, "judge", training)
     annotator, section = (cfg.eval.judge, "eval.judge") if cfg.eval.judge else (cfg.judge, "judge")
     if cfg.eval.protocol == "alpaca_eval":
         from nash.judges import build_alpaca_eval_judge
@@ -63,7 +63,7 @@ def preflight(cfg, run: RunDir) -> None:
         built = build_alpaca_eval_judge(annotator, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)
         probe_server(built.backend.client, section)
     else:
-        check_judge(annotator, section, cfg.sampling, held_out, annotating=True)
+        check_judge(annotator, section, held_out, annotating=True)
     if cfg.eval.drift_prompts:
         from nash.drift import load_texts
 
@@ -130,4 +130,5 @@ def check_sampling(sampling) -> None:
         from nash.openai_client import make_client, probe_server, read_api_key
 
         s = sampling.server
-        probe_server(make_client(read_api_key(s, "sampling.server"), s.base_url, 10.0, 0), "sampling.server")
+        probe_server(make_client(read_api_key(s, "sampling.server"), s.base_url, s.timeout_s, s.max_retries),
+                     "sampling.server")

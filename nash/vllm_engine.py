@@ -54,7 +54,19 @@ def vllm_python(cfg) -> str:
     python = cfg.python or sys.executable
     if os.sep in python and not Path(python).exists():
         raise EngineFailed(f"sampling.vllm.python: {python} does not exist (install it with `make vllm`)")
+    if os.sep not in python and shutil.which(python) is None:
+        raise EngineFailed(f"sampling.vllm.python: {python} is not on PATH (install it with `make vllm`)")
     return python
+
+
+def engine_devices(cfg, engines: int) -> list[str] | None:
+    """The CUDA devices `engines` engines of `cfg.tensor_parallel_size` GPUs each are given; None without CUDA."""
+    devices = visible_gpus()
+    need = engines * cfg.tensor_parallel_size
+    if devices is not None and len(devices) < need:
+        raise EngineFailed(f"sampling.data_parallel: {engines} engines x sampling.vllm.tensor_parallel_size "
+                           f"{cfg.tensor_parallel_size} need {need} GPUs; {len(devices)} visible")
+    return devices
 
 
 def check_engine(cfg, data_parallel: int) -> None:
@@ -63,14 +75,7 @@ def check_engine(cfg, data_parallel: int) -> None:
 
     try:
         vllm_python(cfg)
-        python = cfg.python or sys.executable
-        if os.sep not in python and shutil.which(python) is None:
-            raise EngineFailed(f"sampling.vllm.python: {python} is not on PATH (install it with `make vllm`)")
-        devices = visible_gpus()
-        need = data_parallel * cfg.tensor_parallel_size
-        if devices is not None and len(devices) < need:
-            raise EngineFailed(f"sampling.data_parallel: {data_parallel} engines x sampling.vllm.tensor_parallel_size "
-                               f"{cfg.tensor_parallel_size} need {need} GPUs; {len(devices)} visible")
+        engine_devices(cfg, data_parallel)
     except EngineFailed as e:
         raise UserError(str(e)) from None
 

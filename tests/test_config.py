@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
-from nash.flows.cli import main
 
 from nash.config import CompositeJudge, Config, ConfigError, QualityJudge, load_config
+from nash.flows.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

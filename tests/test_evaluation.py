@@ -4,7 +4,6 @@ import random
 
 import pandas as pd
 import pytest
-from nash.judges.rules import RulesJudge
 
 from nash.evaluation import (
     MODEL,
@@ -15,6 +14,7 @@ from nash.evaluation import (
     preferences,
     win_rate,
 )
+from nash.judges.rules import RulesJudge
 from nash.records import Prompt, Sample
 
 
@@ -104,9 +104,8 @@ def test_rules_annotation_scores_both_sides_and_counts_failures(tmp_path):
 
 
 def test_openai_annotation_asks_both_orders_and_keeps_failures(tmp_path, monkeypatch):
-    from nash.judges import build_judge
-
     from nash.config import load_config
+    from nash.judges import build_judge
     from tests.openai_server import OpenAIServer, default_reply
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-eval-test")
@@ -155,9 +154,8 @@ def test_reference_sets_in_alpaca_eval_layout(tmp_path):
 
 def test_openai_weighted_annotation_reads_the_verdict_logprobs(tmp_path, monkeypatch):
     """eval.weighted with an openai judge: P(a) from top_logprobs, averaged over both orders."""
-    from nash.judges import build_judge
-
     from nash.config import load_config
+    from nash.judges import build_judge
     from tests.openai_server import OpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-eval-test")

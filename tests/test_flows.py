@@ -97,7 +97,6 @@ def test_cli_iteration_with_the_openai_judge_never_leaks_the_key(
     prefect_server, tmp_path, tiny_overrides, monkeypatch, capsys, caplog
 ):
     from nash.flows.cli import main
-
     from tests.openai_server import OpenAIServer
 
     key = "sk-test-secret-4f1c9e"
@@ -159,7 +158,6 @@ def test_dno_recipe_evaluates_against_an_alpaca_eval_file(prefect_server, tmp_pa
     """configs/dno_gpt4.yaml on the tiny model: the openai judge (loopback) annotates against a reference file."""
     from nash.flows.cli import main
     from nash.flows.round import summary_markdown
-
     from tests.openai_server import OpenAIServer, default_reply
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-dno-test")

@@ -1,10 +1,10 @@
 """The self judge on a served policy (sampling.backend openai), against a loopback OpenAI server."""
 
 import pytest
-from nash.judges import build_judge, close_judge
-from nash.judges.local import SCORE_PREFIXES, option_tokens
 
 from nash.config import load_config
+from nash.judges import build_judge, close_judge
+from nash.judges.local import SCORE_PREFIXES, option_tokens
 from nash.records import Prompt
 from tests.openai_server import OpenAIServer
 
@@ -45,8 +45,9 @@ def test_weighted_self_judgment_reads_the_served_policys_next_token(tiny_model_d
 
 
 def test_weighted_pairwise_annotation_on_a_served_policy(tiny_model_dir, tmp_path, monkeypatch):
-    from nash.judges.local import CHOICE_PREFIXES, CHOICES
     from transformers import AutoTokenizer
+
+    from nash.judges.local import CHOICE_PREFIXES, CHOICES
 
     monkeypatch.setenv("NASH_CACHE", str(tmp_path))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

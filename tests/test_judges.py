@@ -1,7 +1,7 @@
 import pytest
-from nash.judges import build_judge
 
 from nash.config import load_config
+from nash.judges import build_judge
 from nash.records import Prompt
 
 
@@ -58,7 +58,9 @@ def test_composite_weights_scores_and_fails_when_a_component_fails(tiny_model_di
     assert out[0].outcome == "failed" and out[0].error.startswith("hf: ParseError")
 
 
-def test_reward_model_judge_scores_with_a_scalar_head(tiny_model_dir, tmp_path):
+@pytest.fixture
+def rm_dir(tiny_model_dir, tmp_path):
+    """A tiny randomly initialised reward model: the tiny policy's config with one label."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig.from_pretrained(tiny_model_dir)
@@ -66,6 +68,10 @@ def test_reward_model_judge_scores_with_a_scalar_head(tiny_model_dir, tmp_path):
     rm_dir = tmp_path / "rm"
     LlamaForSequenceClassification(config).save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+    return rm_dir
+
+
+def test_reward_model_judge_scores_with_a_scalar_head(rm_dir):
     judge = build_judge(load_config(None, ["judge.kind=reward_model", f"judge.model={rm_dir}"]).judge)
     out = judge.score(Prompt(id="p", text="Say hi."), ["hi", "a much longer answer than hi", "hi"])
     assert [j.outcome for j in out] == ["scored"] * 3
@@ -195,14 +201,7 @@ def test_composite_score_batch_combines_each_components_batch(tiny_model_dir, tm
     assert all(j.judge == "composite" and len(j.details["components"]) == 2 for js in batched for j in js)
 
 
-def test_reward_model_score_batch_matches_score_per_prompt(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_labels = 1
-    rm_dir = tmp_path / "rm"
-    LlamaForSequenceClassification(config).save_pretrained(rm_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+def test_reward_model_score_batch_matches_score_per_prompt(rm_dir):
     judge = build_judge(load_config(None, ["judge.kind=reward_model", f"judge.model={rm_dir}",
                                            "judge.precision=fp32", "judge.batch_size=8"]).judge)
     one_by_one = [judge.score(p, c) for p, c in BATCH_ITEMS]

@@ -1,10 +1,10 @@
 """judge_samples: chunks of prompts for judges that batch across prompts, the append-only file, resume."""
 
 import pytest
-from nash.judges import build_judge
 
 from nash import judging
 from nash.config import load_config
+from nash.judges import build_judge
 from nash.judging import batch_limits, chunks, judge_samples
 from nash.records import Judgment, Prompt, Sample, read_jsonl
 

@@ -7,10 +7,10 @@ import random
 from collections import Counter
 
 import pytest
-from nash.judges import build_judge, close_judge
 
 import nash.openai_client as openai_client
 from nash.config import SamplingServerSection, load_config
+from nash.judges import build_judge, close_judge
 from nash.judging import judge_samples, outcome_counts
 from nash.records import Prompt, Sample
 from nash.sampling import SamplingParams

@@ -4,9 +4,9 @@ import json
 import time
 
 import pytest
-from nash.judges import build_judge
 
 from nash.config import load_config
+from nash.judges import build_judge
 from nash.judging import judge_samples, outcome_counts
 from nash.records import Prompt, Sample, read_jsonl
 from tests.openai_server import OpenAIServer

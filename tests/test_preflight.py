@@ -7,9 +7,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from nash.flows.cli import main
 
 from nash.config import load_config
+from nash.flows.cli import main
 from nash.records import Judgment, RecordError, read_jsonl
 from tests.openai_server import OpenAIServer
 
@@ -148,7 +148,6 @@ def test_a_non_finite_score_is_never_recorded(tmp_path):
 
 def test_a_batched_reply_with_a_nan_score_is_a_failed_judgment(tmp_path, monkeypatch):
     from nash.judges import build_judge
-
     from nash.records import Prompt
 
     monkeypatch.setenv("NASH_CACHE", str(tmp_path))

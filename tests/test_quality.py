@@ -1,10 +1,10 @@
 """The quality signal and the degeneration measures, on hand-made answers."""
 
 import pytest
-from nash.judges import build_judge
 
 from nash import quality
 from nash.config import load_config
+from nash.judges import build_judge
 from nash.prompts import builtin_prompts
 
 # What the iteration-2 policy of the rules-only demo answered on held-out prompts.

@@ -133,9 +133,8 @@ def test_keep_policies_validation():
 
 
 def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
-    from nash.flows.cli import main
-
     from nash import iteration
+    from nash.flows.cli import main
     from nash.policy import resolve_policy
 
     cfg = load_config(None, [*tiny_overrides, "run.name=rb", "run.keep_policies=2", "pairs.replay=[0.5]",
@@ -181,9 +180,8 @@ def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
 
 
 def test_rejudge_asks_only_the_failed_judgments_again(tmp_path, tiny_overrides, monkeypatch, capsys):
-    from nash.flows.cli import main
-
     from nash import iteration
+    from nash.flows.cli import main
 
     monkeypatch.setenv("NASH_CACHE", str(tmp_path / "cache"))
     with OpenAIServer() as server:

@@ -240,10 +240,9 @@ def test_self_rewarding_iteration_on_vllm_end_to_end(scoring_model_dir, tiny_pro
     self-judging (a vLLM server for the stage) and the held-out answers of π_1 (the merged policy
     that training wrote) and of π_0 all come from vLLM; the served weighted scores equal the
     transformers backend's on the same candidates; nothing of vLLM lives on."""
-    from nash.judges import build_judge
-
     from nash import iteration
     from nash.config import load_config
+    from nash.judges import build_judge
     from nash.precision import resolve
     from nash.records import Judgment, Pair, Sample, read_jsonl
     from nash.registry import RunDir

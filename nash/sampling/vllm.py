@@ -11,7 +11,15 @@ from tqdm.auto import tqdm
 
 from nash.sampling.base import Completion, SamplingParams, TokenCounter, throughput
 from nash.supervisor import Child
-from nash.vllm_engine import WORKER, EngineFailed, engine_failure, visible_gpus, vllm_engine_args, vllm_env, vllm_python
+from nash.vllm_engine import (
+    WORKER,
+    EngineFailed,
+    engine_devices,
+    engine_failure,
+    vllm_engine_args,
+    vllm_env,
+    vllm_python,
+)
 
 
 class VLLMSampler(TokenCounter):
@@ -31,14 +39,6 @@ class VLLMSampler(TokenCounter):
         self.work_dir = Path(work_dir)
         self.info: dict = {}
 
-    def _devices(self) -> list[str] | None:
-        devices = visible_gpus()
-        need = self.shards * self.cfg.tensor_parallel_size
-        if devices is not None and len(devices) < need:
-            raise EngineFailed(f"sampling.data_parallel: {self.shards} engines x sampling.vllm.tensor_parallel_size "
-                               f"{self.cfg.tensor_parallel_size} need {need} GPUs; {len(devices)} visible")
-        return devices
-
     def engine_args(self, seed: int, gpu: bool) -> dict:
         return vllm_engine_args(self.cfg, self.dtype, seed, gpu)
 
@@ -52,7 +52,7 @@ class VLLMSampler(TokenCounter):
                 "frequency_penalty": 0.0, "max_tokens": params.max_new_tokens, "skip_special_tokens": True}
 
     def generate(self, prompts, params, progress=None, show_progress=True):
-        devices = self._devices()
+        devices = engine_devices(self.cfg, self.shards)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         bounds = [round(i * len(prompts) / self.shards) for i in range(self.shards + 1)]
         outs, pending = [], []
