@@ -4,6 +4,7 @@
     nash status [RUN] [--runs-dir DIR]
     nash eval RUN [--iteration N] [--against reference|iter_M] [--runs-dir DIR]
     nash serve CONFIG (--cron "0 2 * * *" | --interval SECONDS) [--iterations N] [--runs-dir DIR] [--set ...]
+    nash deploy CONFIG [--cron ... | --interval SECONDS] [--iterations N] [--runs-dir DIR] [--set ...]
     nash samples RUN [--iteration N] [-n 6] [--runs-dir DIR]
     nash rollback RUN --to N [--runs-dir DIR]
     nash rejudge RUN [--iteration N] [--runs-dir DIR]
@@ -86,8 +87,10 @@ def _tie_temporary_server() -> None:
 def _run_locked(cfg, run: RunDir) -> int:
     print(f"nash: run {run.name!r} in {run.path} ({cfg.run.iterations} iteration(s))", file=sys.stderr)
     # Prefect is imported only for commands that run flows.
+    from nash.flows.deploy import check_deployed
     from nash.flows.round import round_flow
 
+    check_deployed(run)
     _tie_temporary_server()
 
     try:
@@ -122,6 +125,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    """Register the stages mapped to work pools (and the round, with stages.round) on the Prefect server."""
+    if args.interval is not None and args.interval <= 0:
+        raise ConfigError(f"--interval: expected a number of seconds > 0, got {args.interval:g}")
+    cfg = _config(args)
+    with run_lock(_runs_dir(args.runs_dir) / cfg.run.name, "nash deploy"):
+        run = _open_run(args, cfg)
+    from nash.flows.deploy import deploy
+
+    for line in deploy(run, cfg.run.iterations, args.cron, args.interval):
+        print(f"nash: {line}", file=sys.stderr)
+    print(f"nash: start workers with `prefect worker start --pool POOL` where the run directory {run.path} is "
+          f"mounted; then `nash run {args.config}` (same --set) drives a round", file=sys.stderr)
+    return 0
+
+
 def print_status(run: RunDir) -> None:
     rows = [iteration_row(it.manifest()) for it in run.iterations()]
     print(f"run {run.name}  ({run.path})")
@@ -138,7 +157,10 @@ def _find_run(args) -> RunDir:
 def cmd_eval(args) -> int:
     """The evaluation table of a run; with --against iter_M, annotate against that iteration's answers."""
     run = _find_run(args)
-    with run_lock(run.path, "nash eval"):  # it writes annotations and the plot
+    from nash.flows.stage import device_slot
+
+    # The evaluate stage's device slot: a manual evaluation and a scheduled round's stages never share a GPU.
+    with run_lock(run.path, "nash eval"), device_slot(run.config(), "evaluate"):  # it writes annotations and the plot
         return _eval_locked(args, run)
 
 
@@ -260,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runs-dir")
     serve.add_argument("--set", action="append", metavar="KEY=VALUE")
     serve.set_defaults(func=cmd_serve)
+    dep = sub.add_parser("deploy", help="register the stages mapped to work pools (config section stages) "
+                         "as Prefect deployments")
+    dep.add_argument("config")
+    when = dep.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="with stages.round: schedule the round, e.g. \"0 2 * * *\"")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="with stages.round: a round every SECONDS")
+    dep.add_argument("--iterations", type=int, help="iterations per round of the round deployment")
+    dep.add_argument("--runs-dir")
+    dep.add_argument("--set", action="append", metavar="KEY=VALUE")
+    dep.set_defaults(func=cmd_deploy)
     status = sub.add_parser("status", help="iterations of a run, their status and metrics")
     status.add_argument("run", nargs="?", help="run name or directory (default: list all runs)")
     status.add_argument("--runs-dir")

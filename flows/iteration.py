@@ -1,43 +1,20 @@
-"""The iteration flow: one Prefect task per stage, each taking and returning a path."""
+"""The iteration flow: one Prefect task per stage, each taking and returning a path; a stage mapped to a
+work pool (stages.<stage>) runs there as child flow runs instead (nash/flows/stage.py)."""
 
 from __future__ import annotations
 
 import json
-import re
-import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from nash import evaluation, report
 from nash import iteration as stages
+from nash.flows.stage import artifact_key, progress_reporter, run_stage
 from nash.registry import IterationDir
 from nash.report import iteration_row
-
-
-def artifact_key(*parts: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
-
-
-def progress_reporter(description: str, min_interval: float = 2.0):
-    """A (done, total) callback that moves a Prefect progress artifact, at most every few seconds."""
-    artifact = create_progress_artifact(0.0, description=description)
-    last = [0.0]
-
-    def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done >= total or now - last[0] >= min_interval:
-            last[0] = now
-            update_progress_artifact(artifact, 100.0 * done / max(1, total))
-
-    return report
 
 
 def stage_task(name: str, stage, reports_progress: bool = True):
@@ -45,12 +22,12 @@ def stage_task(name: str, stage, reports_progress: bool = True):
     result cache is not used."""
 
     @task(name=name, cache_policy=NO_CACHE)
-    def run_stage(iter_dir: str) -> str:
+    def stage_run(iter_dir: str) -> str:
         if reports_progress:
             return stage(iter_dir, progress_reporter(f"{name}: {iter_dir}"))
         return stage(iter_dir)
 
-    return run_stage
+    return stage_run
 
 
 sample_task = stage_task("sample", stages.sample)
@@ -64,13 +41,13 @@ finalize_task = stage_task("finalize", stages.finalize, reports_progress=False)
 @flow(name="nash-iteration")
 def iteration_flow(iter_dir: str) -> str:
     log = get_run_logger()
-    path = sample_task(iter_dir)
+    path = run_stage("sample", sample_task, iter_dir)
     log.info("samples: %s", path)
-    judge_task(iter_dir)
+    run_stage("judge", judge_task, iter_dir)
     pairs = select_pairs_task(iter_dir)
     log.info("pairs: %s", pairs)
-    train_task(iter_dir)
-    evaluate_task(iter_dir)
+    run_stage("train", train_task, iter_dir)
+    run_stage("evaluate", evaluate_task, iter_dir)
     manifest_path = finalize_task(iter_dir)
     manifest = json.loads(Path(manifest_path).read_text())
     row = iteration_row(manifest)

@@ -12,7 +12,8 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 
 from nash import iteration as stages
 from nash import report
-from nash.flows.iteration import artifact_key, iteration_flow
+from nash.flows.iteration import iteration_flow
+from nash.flows.stage import artifact_key
 from nash.registry import IterationDir, RunDir
 from nash.report import iteration_row
 from nash.runlock import run_lock

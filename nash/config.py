@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nash.errors import UserError
 from nash.policy import EMBEDDED
@@ -32,6 +32,17 @@ class Section(BaseModel):
 
 
 UNHASHED = ("iterations", "keep_policies")  # run keys a command may change on an existing run
+UNHASHED_SECTIONS = ("stages",)  # where stages run does not shape what they produce
+
+
+def _absolute_if_local(value: str | None) -> str | None:
+    """A relative path that exists becomes absolute, so workers with another working directory find it."""
+    if value and not Path(value).is_absolute() and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+LocalPath = Annotated[str, AfterValidator(_absolute_if_local)]  # a path, or a name (hub id, builtin, ...)
 
 
 class RunSection(Section):
@@ -52,7 +63,7 @@ class RunSection(Section):
 
 
 class PolicySection(Section):
-    model: str = Field(EMBEDDED, description="π_0: the embedded default, a local HF directory, or a hub id.")
+    model: LocalPath = Field(EMBEDDED, description="π_0: the embedded default, a local HF directory, or a hub id.")
     precision: Precision = Field(
         "auto", description="Compute precision of training, sampling, evaluation answers and local judges. auto: "
         "bf16 on CUDA devices and CPUs (avx512_bf16, AMX) that have it, fp16 on older GPUs, else fp32.",
@@ -73,7 +84,7 @@ class PolicySection(Section):
 
 
 class PromptsSection(Section):
-    source: str = Field("builtin", description="'builtin', a .jsonl path, or 'hf:<dataset>[:split]'.")
+    source: LocalPath = Field("builtin", description="'builtin', a .jsonl path, or 'hf:<dataset>[:split]'.")
     field: str = Field("prompt", description="Prompt text column of a JSONL or HF source.")
     reference_field: str = Field("reference", description="Column of gold answers, when the source has one.")
     seed: int = Field(0, description="Seed of the built-in set and of the partition shuffle.")
@@ -83,7 +94,7 @@ class PromptsSection(Section):
 class VLLMSection(Section):
     """vLLM's offline engine, run in a child process per shard (nash/vllm_worker.py)."""
 
-    python: str | None = Field(
+    python: LocalPath | None = Field(
         None, description="Interpreter that runs the engine, e.g. .venv-vllm/bin/python (`make vllm`); "
         "null: nash's own.",
     )
@@ -133,7 +144,11 @@ class SamplingSection(Section):
     include_reference: bool = Field(
         False, description="Add each prompt's gold answer as one more candidate, judged side by side (DNO)."
     )
-    data_parallel: int = Field(1, ge=1, description="vllm: independent engines, prompts sharded over them.")
+    data_parallel: int = Field(1, ge=1, description="vllm: independent engines in the stage's process (one per "
+                               "GPU group), each on a slice of the shard's prompts.")
+    shards: int = Field(1, ge=1, description="The iteration's prompts split into this many shards, each sampled "
+                        "from its own seed into its own file with a completion marker; with stages.sample set, "
+                        "one child run per shard on the sampling pool. Part of the result: keep it fixed for a run.")
     vllm: VLLMSection = VLLMSection()
     server: SamplingServerSection = SamplingServerSection()
 
@@ -158,7 +173,7 @@ class _LMJudge(Section):
         description="pointwise: one request per candidate (Self-Rewarding); batched: all candidates of a "
         "prompt in one request, JSON reply (DNO); pairwise: every pair in both orders, agreement only.",
     )
-    template: str | None = Field(None, description="Prompt template file; default: the protocol's own in judges/prompts/.")
+    template: LocalPath | None = Field(None, description="Prompt template file; default: the protocol's own in judges/prompts/.")
     repeats: int = Field(1, ge=1, description="Pointwise: judge each candidate this many times and average.")
     temperature: float = Field(0.0, ge=0.0)
     max_tokens: int = Field(512, ge=1, description="Reply length limit.")
@@ -206,13 +221,13 @@ class SelfJudge(_LocalJudge):
 
 class HFJudge(_LocalJudge):
     kind: Literal["hf"]
-    model: str = Field(..., description="Local directory or hub id of a causal LM.")
+    model: LocalPath = Field(..., description="Local directory or hub id of a causal LM.")
     precision: Precision = Field("auto", description="As policy.precision, for the judge's weights.")
 
 
 class RewardModelJudge(Section):
     kind: Literal["reward_model"]
-    model: str = Field(..., description="Sequence-classification reward model: local directory or hub id.")
+    model: LocalPath = Field(..., description="Sequence-classification reward model: local directory or hub id.")
     precision: Precision = Field("auto", description="As policy.precision, for the reward model's weights.")
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=16)
@@ -220,7 +235,7 @@ class RewardModelJudge(Section):
 
 class QualityJudge(Section):
     kind: Literal["quality"]
-    embedder: str = Field("embedded:all-minilm-l6-v2", description="Sentence-embedding model (mean pooling): "
+    embedder: LocalPath = Field("embedded:all-minilm-l6-v2", description="Sentence-embedding model (mean pooling): "
                           "the embedded all-MiniLM-L6-v2, a local directory or a hub id.")
     precision: Precision = Field("auto", description="As policy.precision, for the embedder.")
     min_words: int = Field(6, ge=0, description="Fewer words than this is not an answer (a sentence or more).")
@@ -354,7 +369,7 @@ class TrainSection(Section):
 class EvalSection(Section):
     num_prompts: int = Field(64, ge=0, description="Held-out prompts to evaluate (0: all).")
     max_new_tokens: int = Field(96, ge=1)
-    reference: str = Field(
+    reference: LocalPath = Field(
         "initial",
         description="Reference outputs the win rate is taken against: 'initial' (π_0's greedy answers on the "
         "held-out split, generated once per run), or an AlpacaEval-layout set (instruction, output, generator): "
@@ -384,7 +399,7 @@ class EvalSection(Section):
         description="AlpacaEval GLM for the length-controlled win rate; v1 adds AlpacaEval's instruction "
         "difficulty and needs the public AlpacaEval set and a hub.",
     )
-    drift_text: str = Field("builtin", description="General text for perplexity: 'builtin' or a .jsonl with 'text'.")
+    drift_text: LocalPath = Field("builtin", description="General text for perplexity: 'builtin' or a .jsonl with 'text'.")
     drift_prompts: int = Field(32, ge=0, description="Held-out prompts for KL(π_t || π_0) (0: skip drift).")
     promote_if: list[str] = Field(
         ["degenerate_rise <= 0.05"],
@@ -422,6 +437,48 @@ def parse_condition(text: str) -> tuple[str, str, str]:
     return m.group(1), m.group(2), m.group(3)
 
 
+class StagePool(Section):
+    """Where one stage runs: a Prefect work pool whose workers have nash installed."""
+
+    work_pool: str = Field(..., description="Prefect work pool (process, Docker, Kubernetes, ...).")
+    work_queue: str | None = Field(None, description="A queue of the pool; null: its default queue.")
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict, description="The pool's job variables for this stage, e.g. {env: {HF_HOME: ...}} "
+        "or a Kubernetes pool's resource requests.")
+    device_slots: int | None = Field(
+        None, ge=1, description="Devices (GPUs or tensor-parallel groups) of the pool: the stage takes one "
+        "slot of the Prefect global concurrency limit nash-devices-<pool>, so no two GPU stages (a scheduled "
+        "round's and a manual `nash eval`'s) share a device. null: no slot.")
+
+
+class StagesSection(Section):
+    """Stages mapped to work pools run as Prefect deployments (`nash deploy`); the others run in the round's process."""
+
+    sample: StagePool | None = Field(None, description="One child run per sampling shard (sampling.shards).")
+    judge: StagePool | None = None
+    train: StagePool | None = None
+    evaluate: StagePool | None = None
+    round: StagePool | None = Field(None, description="Where `nash deploy` puts the round flow itself.")
+    retries: int = Field(2, ge=0, description="A child run that crashed (its worker died) is started again this "
+                         "many times; it resumes from the files the dead one left. Failed children are not retried.")
+    heartbeat_s: int = Field(30, ge=30, description="Heartbeat period of child runs (PREFECT_FLOWS_HEARTBEAT_"
+                             "FREQUENCY on the workers); Prefect's minimum is 30.")
+    zombie_after_s: int = Field(90, ge=31, description="A child run with no heartbeat for this long is marked "
+                                "Crashed by the automation `nash deploy` creates (its worker died).")
+    poll_s: float = Field(2.0, gt=0, description="How often the round reads its children's states.")
+
+    def mapped(self) -> dict[str, StagePool]:
+        return {name: pool for name in ("sample", "judge", "train", "evaluate")
+                if (pool := getattr(self, name)) is not None}
+
+    @model_validator(mode="after")
+    def _zombie_after_heartbeats(self):
+        if self.zombie_after_s <= self.heartbeat_s:
+            raise ValueError(f"zombie_after_s ({self.zombie_after_s}) must exceed heartbeat_s ({self.heartbeat_s}), "
+                             "or every child looks dead between two heartbeats")
+        return self
+
+
 class Config(Section):
     run: RunSection = RunSection()
     policy: PolicySection = PolicySection()
@@ -434,6 +491,7 @@ class Config(Section):
     pairs: PairsSection = PairsSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    stages: StagesSection = StagesSection()
 
     @model_validator(mode="after")
     def _cross_section(self):
@@ -456,6 +514,8 @@ class Config(Section):
         data = self.model_dump(mode="json")
         for key in UNHASHED:
             data["run"].pop(key)
+        for section in UNHASHED_SECTIONS:
+            data.pop(section)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

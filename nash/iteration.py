@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -34,10 +37,13 @@ from nash.records import (
     Prompt,
     Sample,
     read_jsonl,
+    replace_durably,
+    temporary_name,
+    write_json,
     write_jsonl,
 )
 from nash.registry import IterationDir, RunDir, now, package_versions
-from nash.sampling import THROUGHPUT, Progress, SamplingParams, build_sampler
+from nash.sampling import THROUGHPUT, Progress, SamplingParams, build_sampler, throughput
 from nash.training import train_in_subprocess
 
 log = logging.getLogger("nash")
@@ -45,9 +51,9 @@ STAGES = ("sample", "judge", "select_pairs", "train", "evaluate")
 
 
 def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dict | None]) -> str:
-    stages = it.manifest().get("stages", {})
-    if stages.get(name, {}).get("status") == "complete" and output.exists():
+    if stage_complete(it, name):
         return str(output)
+    stages = it.manifest().get("stages", {})
     start = time.time()
     try:
         info = work() or {}
@@ -60,6 +66,23 @@ def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dic
     stages[name] = {"status": "complete", "seconds": round(time.time() - start, 2), **info}
     it.update_manifest(stages=stages)
     return str(output)
+
+
+def stage_output(it: IterationDir, name: str) -> Path:
+    return {"sample": it.samples, "judge": it.judgments, "select_pairs": it.pairs, "train": it.policy,
+            "evaluate": it.metrics}[name]
+
+
+def stage_complete(it: IterationDir, name: str) -> bool:
+    return it.manifest().get("stages", {}).get(name, {}).get("status") == "complete" and stage_output(it, name).exists()
+
+
+def record_stage_failure(it: IterationDir, name: str, error: str) -> None:
+    """Record a stage that failed elsewhere (failed, its worker died, cancelled) as _run_stage records one here;
+    a traceback the stage wrote itself stays."""
+    stages = it.manifest().get("stages", {})
+    stages[name] = {"status": "failed", "error": error}
+    it.update_manifest(stages=stages, status="failed", error=f"{name}: {error}")
 
 
 def prepare(run_dir: str) -> str:
@@ -96,35 +119,119 @@ def prepare(run_dir: str) -> str:
     return str(it.path)
 
 
+def shard_paths(it: IterationDir, k: int) -> tuple[Path, Path]:
+    """Shard k's samples and its completion marker (which holds the shard's sampling figures)."""
+    n = it.run.config().sampling.shards
+    out = it.path / "sampling" / f"samples-{k:03d}-of-{n:03d}.jsonl"
+    return out, out.with_name(out.name + ".done")
+
+
+def pending_shards(iter_dir: str) -> list[int]:
+    it = IterationDir.from_path(iter_dir)
+    return [k for k in range(it.run.config().sampling.shards) if not shard_paths(it, k)[1].is_file()]
+
+
+def _shard_prompts(it: IterationDir, k: int) -> list[Prompt]:
+    parts = read_jsonl(it.path / "prompts.jsonl", Prompt)
+    n = it.run.config().sampling.shards
+    return parts[round(k * len(parts) / n): round((k + 1) * len(parts) / n)]
+
+
+def _sample_one_shard(it: IterationDir, k: int, sampler, progress: Progress | None) -> None:
+    cfg = it.run.config()
+    s = cfg.sampling
+    parts = _shard_prompts(it, k)
+    seed = cfg.run.seed * 1000 + it.index + 1_000_000 * k  # shard 0 of 1 keeps the unsharded seed
+    params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                            seed=seed)
+    completions = sampler.generate([p.text for p in parts], params, progress) if parts else []
+    samples = []
+    for p, cs in zip(parts, completions):
+        samples += [Sample(prompt_id=p.id, candidate=j, prompt=p.text, response=c.text,
+                           num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}") for j, c in enumerate(cs)]
+        if (s.include_reference or cfg.pairs.rule == "spin") and p.reference:
+            samples.append(Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
+                                  num_tokens=sampler.count_tokens(p.reference), policy="reference"))
+    out, done = shard_paths(it, k)
+    write_jsonl(out, samples)
+    write_json(done, {"shard": k, "prompts": len(parts), "samples": len(samples), "host": socket.gethostname(),
+                      "pid": os.getpid(), "finished_at": now(), "sampling": dict(getattr(sampler, "info", {}) or {})})
+
+
+def _shard_work(it: IterationDir, k: int) -> Path:
+    """Shard k's journals and engine files (one shard: the unsharded layout)."""
+    work = it.path / "sampling" if it.run.config().sampling.shards == 1 else it.path / "sampling" / f"shard-{k:03d}"
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _shard_sampler(it: IterationDir, k: int):
+    cfg = it.run.config()
+    return build_sampler(cfg.sampling, it.manifest()["parent_policy"]["path"], it.precision().inference_dtype,
+                         _shard_work(it, k))
+
+
+def sample_shard(iter_dir: str, k: int, progress: Progress | None = None) -> str:
+    """Sample shard k of the iteration's prompts (a child run on the sampling pool, or the stage itself).
+
+    Writes only the shard's own files, never the manifest, so shards on several machines never
+    write the same file. A finished shard (its marker exists) is not sampled again.
+    """
+    it = IterationDir.from_path(iter_dir)
+    out, done = shard_paths(it, k)
+    if not done.is_file():
+        _sample_one_shard(it, k, _shard_sampler(it, k), progress)
+    return str(out)
+
+
 def sample(iter_dir: str, progress: Progress | None = None) -> str:
+    """Sample the shards not yet finished (in this process), then join them into samples.jsonl."""
     it = IterationDir.from_path(iter_dir)
     cfg = it.run.config()
 
     def work():
-        parts = read_jsonl(it.path / "prompts.jsonl", Prompt)
-        policy = it.manifest()["parent_policy"]["path"]
-        dtype = it.precision().inference_dtype
-        sampler = build_sampler(cfg.sampling, policy, dtype, it.path / "sampling")
-        s = cfg.sampling
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                max_new_tokens=s.max_new_tokens, seed=cfg.run.seed * 1000 + it.index)
-        completions = sampler.generate([p.text for p in parts], params, progress)
-        samples = []
-        for p, cs in zip(parts, completions):
-            samples += [Sample(prompt_id=p.id, candidate=k, prompt=p.text, response=c.text,
-                               num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}") for k, c in enumerate(cs)]
-            if (s.include_reference or cfg.pairs.rule == "spin") and p.reference:
-                n_tok = sampler.count_tokens(p.reference)
-                samples.append(Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
-                                      num_tokens=n_tok, policy="reference"))
-        write_jsonl(it.samples, samples)
-        if sampler.info:
-            it.update_manifest(sampling=sampler.info)
-        return {"candidates": len(samples), "mean_tokens": round(sum(x.num_tokens for x in samples) / len(samples), 1),
-                "backend": s.backend,
-                **{k: sampler.info[k] for k in (*THROUGHPUT, "reused_batches") if k in sampler.info}}
+        sampler = None
+        for k in pending_shards(iter_dir):
+            if sampler is None or cfg.sampling.backend != "transformers":
+                sampler = _shard_sampler(it, k)
+            else:  # one model load for every shard this process samples
+                sampler.journal = _shard_work(it, k) / "batches.jsonl"
+            _sample_one_shard(it, k, sampler, progress)
+        markers = []
+        tmp = temporary_name(it.samples)
+        with open(tmp, "wb") as joined:  # shard files in order, copied, not parsed
+            for k in range(cfg.sampling.shards):
+                out, done = shard_paths(it, k)
+                markers.append(json.loads(done.read_text(encoding="utf-8")))
+                with open(out, "rb") as f:
+                    shutil.copyfileobj(f, joined)
+        replace_durably(tmp, it.samples)
+        samples = read_jsonl(it.samples, Sample)
+        total = len(samples)
+        info = summarize_shards(markers)
+        if info:
+            it.update_manifest(sampling=info)
+        return {"candidates": total, "mean_tokens": round(sum(x.num_tokens for x in samples) / max(1, total), 1),
+                "backend": cfg.sampling.backend, "shards": cfg.sampling.shards,
+                "hosts": sorted({m["host"] for m in markers}),
+                **{k: info[k] for k in (*THROUGHPUT, "reused_batches") if k in info}}
 
     return _run_stage(it, "sample", it.samples, work)
+
+
+def summarize_shards(markers: list[dict]) -> dict:
+    """The stage's sampling figures: one shard's as they are; several summed (tokens, sequences, seconds)."""
+    infos = [m["sampling"] for m in markers if m.get("sampling")]
+    if len(infos) <= 1:
+        return infos[0] if infos else {}
+    summed = {k: sum(i.get(k) or 0 for i in infos) for k in ("sequences", "tokens", "generate_seconds",
+                                                             "reused_batches") if any(k in i for i in infos)}
+    # Shards on separate machines overlap in time; the figure is per shard-second, not wall clock.
+    secs = summed.get("generate_seconds")
+    out = {**{k: v for k, v in infos[0].items() if k not in THROUGHPUT}, **summed, "shards": len(infos)}
+    if secs:
+        out.update(throughput(summed.get("sequences", 0), summed.get("tokens", 0), secs))
+    return out
 
 
 def judge(iter_dir: str, progress: Progress | None = None) -> str:

@@ -50,13 +50,18 @@ def preflight(cfg, run: RunDir) -> None:
         )
     held_out = eval_prompts(cfg, all_prompts)
     # Keys, secrets and servers first: they take milliseconds; the policy may need converting.
-    check_sampling(cfg.sampling)
+    # A stage on a work pool is checked by its workers, whose keys, GPUs and interpreters these are.
+    remote = cfg.stages.mapped()
+    if "sample" not in remote:
+        check_sampling(cfg.sampling)
     from nash.judges import check_judge
 
-    if cfg.pairs.rule != "spin":
+    if cfg.pairs.rule != "spin" and "judge" not in remote:
         check_judge(cfg.judge, "judge", training)
     annotator, section = (cfg.eval.judge, "eval.judge") if cfg.eval.judge else (cfg.judge, "judge")
-    if cfg.eval.protocol == "alpaca_eval":
+    if "evaluate" in remote:
+        pass
+    elif cfg.eval.protocol == "alpaca_eval":
         from nash.judges import build_alpaca_eval_judge
         from nash.openai_client import probe_server
 

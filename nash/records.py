@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -153,7 +154,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _replace_durably(tmp: Path, path: Path) -> None:
+def temporary_name(path: Path) -> Path:
+    """A temporary file next to `path`, unique to this host and process: two machines that write one
+    file of a run on shared disk never write the same temporary file."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -162,11 +169,11 @@ def _replace_durably(tmp: Path, path: Path) -> None:
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(r.model_dump_json() + "\n")
-    _replace_durably(tmp, path)
+    replace_durably(tmp, path)
     return path
 
 
@@ -213,7 +220,7 @@ def repair_jsonl(path: str | os.PathLike, record: type[Record] | None = None) ->
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    _replace_durably(tmp, path)
+    replace_durably(tmp, path)
     return path

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nash.config import UNHASHED, Config, ConfigError, validate_config
+from nash.config import UNHASHED, UNHASHED_SECTIONS, Config, ConfigError, validate_config
 from nash.records import fsync_dir, write_json
 
 PACKAGES = ("nash", "torch", "transformers", "trl", "datasets", "accelerate", "prefect", "pydantic")
@@ -125,9 +125,11 @@ class RunDir:
         run.check_config(cfg)
         if run.config_path.is_file():
             stored = run.config()
-            if stored.run.keep_policies != cfg.run.keep_policies:
+            # What a command may change on an existing run: how many policies disk keeps, where stages run.
+            if stored.run.keep_policies != cfg.run.keep_policies or stored.stages != cfg.stages:
                 data = json.loads(run.config_path.read_text(encoding="utf-8"))
                 data["config"]["run"]["keep_policies"] = cfg.run.keep_policies
+                data["config"]["stages"] = cfg.stages.model_dump(mode="json")
                 write_json(run.config_path, data)
             return run
         run.path.mkdir(parents=True, exist_ok=True)
@@ -143,7 +145,7 @@ class RunDir:
             old, new = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
             diff = [
                 f"{s}.{k}" for s in new for k in new[s]
-                if not (s == "run" and k in UNHASHED) and old[s].get(k) != new[s][k]
+                if not (s == "run" and k in UNHASHED) and s not in UNHASHED_SECTIONS and old[s].get(k) != new[s][k]
             ]
             raise ConfigError(
                 f"run {cfg.run.name!r} already exists in {self.path} with a different config "

@@ -108,11 +108,12 @@ class PrefectServer:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:]) if self.log_path.exists() else ""
 
-    def start(self, argv: list[str], log_name: str) -> subprocess.Popen:
+    def start(self, argv: list[str], log_name: str, cwd: Path | None = None, env: dict | None = None
+              ) -> subprocess.Popen:
         """A child process pointed at this server, stopped with the server."""
         log = open(self.home / log_name, "w")
-        proc = subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=ROOT)
+        proc = subprocess.Popen(argv, env={**self.env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=cwd or ROOT)
         self.children.append(proc)
         return proc
 
