@@ -54,7 +54,19 @@ def _open_run(args, cfg):
     return RunDir.create(_runs_dir(args.runs_dir), cfg)
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler's time limit, `kill`) unwinds like Ctrl-C: child runs on work pools are
+    cancelled and child processes stopped, instead of the process vanishing."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_run(args) -> int:
+    _sigterm_as_interrupt()
     cfg = _config(args)
     # The lock first: a second writer is refused before anything is loaded or converted.
     with run_lock(_runs_dir(args.runs_dir) / cfg.run.name, "nash run"):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.states import Cancelled
 
 from nash import iteration as stages
 from nash.errors import UserError
@@ -106,7 +107,7 @@ def stage_flow(iter_dir: str, stage: str, shard: int | None = None) -> str:
 
 
 def _cancel(client, run_ids) -> None:
-    from prefect.states import Cancelled, Cancelling
+    from prefect.states import Cancelling
 
     for run_id in run_ids:
         try:
@@ -114,9 +115,40 @@ def _cancel(client, run_ids) -> None:
             if state is None or state.is_final():
                 continue
             # A run no worker has picked up yet is cancelled outright; a running one through its worker.
-            client.set_flow_run_state(run_id, Cancelling() if state.is_running() else Cancelled(), force=True)
+            picked_up = state.is_running() or state.is_pending() or state.type.value == "CANCELLING"
+            client.set_flow_run_state(run_id, Cancelling() if picked_up else Cancelled(), force=True)
         except Exception:  # the round is stopping already; the next round sees what is left
             pass
+
+
+def _stop_leftovers(client, deployment: str, iter_dir: str, poll_s: float, wait_s: float = 600) -> None:
+    """Children of an earlier round of this iteration that still run (that round's process was killed)
+    are cancelled and waited for, so no two runs of one stage write the same files."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    live = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED]
+    flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live)))
+    dep = DeploymentFilter(name=DeploymentFilterName(any_=[deployment.split("/", 1)[1]]))
+    runs = [r for r in client.read_flow_runs(flow_run_filter=flt, deployment_filter=dep)
+            if r.parameters.get("iter_dir") == iter_dir]
+    if not runs:
+        return
+    get_run_logger().warning("%d run(s) of %s from an earlier round of %s still run; cancelling them first",
+                             len(runs), deployment, iter_dir)
+    _cancel(client, [r.id for r in runs])
+    deadline = time.monotonic() + wait_s
+    while any(not (client.read_flow_run(r.id).state or Cancelled()).is_final() for r in runs):
+        if time.monotonic() > deadline:
+            raise StageFailed(f"{deployment}: earlier runs for {iter_dir} did not stop in {wait_s:g} s; "
+                              "cancel them in the Prefect UI, then run again")
+        time.sleep(poll_s)
 
 
 def run_remotely(iter_dir: str, stage: str, shards: list[int | None] | None = None) -> None:
@@ -143,9 +175,10 @@ def run_remotely(iter_dir: str, stage: str, shards: list[int | None] | None = No
                  run.name, pool.work_pool)
         return run.id
 
-    running = {shard: start(shard) for shard in shards}
     crashes = dict.fromkeys(shards, 0)
     with get_client(sync_client=True) as client:
+        _stop_leftovers(client, name, str(it.path), cfg.stages.poll_s)
+        running = {shard: start(shard) for shard in shards}
         try:
             while running:
                 time.sleep(cfg.stages.poll_s)
