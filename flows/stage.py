@@ -11,7 +11,9 @@ round that stops are cancelled.
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,13 +68,22 @@ def device_slot(cfg, stage: str):
     if pool is None or pool.device_slots is None:
         yield
         return
-    from prefect.concurrency.sync import ConcurrencySlotAcquisitionError, concurrency
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
     name = device_limit(pool.work_pool)
     try:
-        slot = concurrency(name, occupy=1, strict=True)
-        slot.__enter__()
+        try:
+            slot = concurrency(name, occupy=1, timeout_seconds=2, strict=True)
+            slot.__enter__()
+        except TimeoutError:
+            # Say why nothing happens: every device of the pool is taken by another stage or evaluation.
+            logging.getLogger("nash").warning("nash: waiting for a device: every slot of %s (%s) is taken",
+                                              name, f"stages.{stage}.device_slots={pool.device_slots}")
+            print(f"nash: waiting for a device: every slot of {name} is taken", file=sys.stderr, flush=True)
+            slot = concurrency(name, occupy=1, strict=True)
+            slot.__enter__()
     except ConcurrencySlotAcquisitionError as e:
         raise UserError(f"stages.{stage}.device_slots: cannot take a slot of the global concurrency limit {name} "
                         f"on the Prefect server at {PREFECT_API_URL.value() or '(none: set PREFECT_API_URL)'}: "

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,74 @@ def test_a_sampling_worker_killed_mid_shard_costs_that_shard_only(tmp_path, tiny
     assert asked[held.prompt] == 2 and sum(asked[p] for p in own) == 4  # the answered prompt was kept
     samples = (runs / "killed" / "iter_001" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 6 * 4
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_stopping_the_round_cancels_its_running_child_and_the_next_round_trains_again(tmp_path, tiny_overrides):
+    base = [*tiny_overrides, "run.name=stopped", "train.epochs=40", "stages.train.work_pool=gpu", "stages.poll_s=1"]
+    runs = tmp_path / "runs"
+    with PrefectServer(tmp_path / "prefect") as server:
+        start_worker(server, "gpu", "gpu-1", tmp_path / "machine")
+        assert nash(server, ["deploy", DEFAULT, "--runs-dir", str(runs), *_sets(base)], tmp_path).returncode == 0
+        argv = NASH + ["run", DEFAULT, "--iterations", "1", "--runs-dir", str(runs), *_sets(base)]
+        round_ = subprocess.Popen(argv, cwd=tmp_path, env=server.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            log = runs / "stopped" / "iter_001" / "train.log"
+            _wait_for(lambda: log.is_file() and "nash-progress" in log.read_text(), 300, "training to start")
+            child = stage_runs(server)["stopped-iter_001-train"][0]
+            pid = _process_of(child["id"])
+            assert pid is not None
+            round_.send_signal(signal.SIGTERM)  # a scheduler's time limit, or `kill`
+            out, _ = round_.communicate(timeout=120)
+        finally:
+            if round_.poll() is None:
+                round_.kill()
+        assert round_.returncode != 0
+        _wait_for(lambda: stage_runs(server)["stopped-iter_001-train"][0]["state_type"] == "CANCELLED", 120,
+                  "the train child to be cancelled")
+        _wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "the child's process to exit")
+
+        r = nash(server, ["run", DEFAULT, "--iterations", "1", "--runs-dir", str(runs), *_sets(base)], tmp_path)
+        assert r.returncode == 0, r.stderr
+        states = [x["state_type"] for x in stage_runs(server)["stopped-iter_001-train"]]
+    assert states == ["CANCELLED", "COMPLETED"]
+    assert json.loads((runs / "stopped" / "iter_001" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_nash_eval_waits_for_the_device_slot_a_stage_holds(tmp_path, tiny_overrides):
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from nash.config import load_config
+    from nash.iteration import run_iteration
+    from nash.registry import RunDir
+
+    base = [*tiny_overrides, "run.name=slots", "stages.evaluate.work_pool=gpu", "stages.evaluate.device_slots=1"]
+    run = RunDir.create(tmp_path / "runs", load_config(DEFAULT, base))
+    run_iteration(str(run.path))  # the stages themselves, without Prefect
+    with PrefectServer(tmp_path / "prefect") as server:
+        r = nash(server, ["deploy", DEFAULT, "--runs-dir", str(tmp_path / "runs"), *_sets(base)], tmp_path)
+        assert "global concurrency limit nash-devices-gpu: 1 slot(s)" in r.stderr, r.stderr
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            with concurrency("nash-devices-gpu", occupy=1, strict=True):  # a stage on the pool's one device
+                ev = subprocess.Popen(NASH + ["eval", str(run.path)], cwd=tmp_path, env=server.env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                time.sleep(20)
+                waited = ev.poll() is None
+                released_at = time.monotonic()
+            out, _ = ev.communicate(timeout=120)
+            finished_at = time.monotonic()
+    assert waited and finished_at > released_at, out
+    assert "waiting for a device: every slot of nash-devices-gpu is taken" in out
+    assert ev.returncode == 0 and "win rate" in out, out
