@@ -140,6 +140,7 @@ def _shard_prompts(it: IterationDir, k: int) -> list[Prompt]:
 def _sample_one_shard(it: IterationDir, k: int, sampler, progress: Progress | None) -> None:
     cfg = it.run.config()
     s = cfg.sampling
+    t0 = time.time()
     parts = _shard_prompts(it, k)
     seed = cfg.run.seed * 1000 + it.index + 1_000_000 * k  # shard 0 of 1 keeps the unsharded seed
     params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
@@ -155,7 +156,7 @@ def _sample_one_shard(it: IterationDir, k: int, sampler, progress: Progress | No
     out, done = shard_paths(it, k)
     write_jsonl(out, samples)
     write_json(done, {"shard": k, "prompts": len(parts), "samples": len(samples), "host": socket.gethostname(),
-                      "pid": os.getpid(), "finished_at": now(), "sampling": dict(getattr(sampler, "info", {}) or {})})
+                      "pid": os.getpid(), "finished_at": now(), "seconds": round(time.time() - t0, 2), "sampling": dict(getattr(sampler, "info", {}) or {})})
 
 
 def _shard_work(it: IterationDir, k: int) -> Path:

@@ -233,7 +233,7 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 
 @pytest.mark.slow
 def test_stopping_the_round_cancels_its_running_child_and_the_next_round_trains_again(tmp_path, tiny_overrides):
-    base = [*tiny_overrides, "run.name=stopped", "train.epochs=40", "stages.train.work_pool=gpu", "stages.poll_s=1"]
+    base = [*tiny_overrides, "run.name=stopped", "train.epochs=300", "stages.train.work_pool=gpu", "stages.poll_s=1"]
     runs = tmp_path / "runs"
     with PrefectServer(tmp_path / "prefect") as server:
         start_worker(server, "gpu", "gpu-1", tmp_path / "machine")
@@ -243,7 +243,7 @@ def test_stopping_the_round_cancels_its_running_child_and_the_next_round_trains_
                                   stderr=subprocess.STDOUT, text=True)
         try:
             log = runs / "stopped" / "iter_001" / "train.log"
-            _wait_for(lambda: log.is_file() and "nash-progress" in log.read_text(), 300, "training to start")
+            _wait_for(lambda: log.is_file() and "'loss'" in log.read_text(), 300, "training steps")
             child = stage_runs(server)["stopped-iter_001-train"][0]
             pid = _process_of(child["id"])
             assert pid is not None
