@@ -1,7 +1,7 @@
 """What running stages on work pools costs: one iteration in one process against the same iteration
 with sample (2 shards) and train on pool `gpu` and judge and evaluate on pool `cpu`.
 
-    python benchmarks/scale_out.py [--set key=value ...]
+    python benchmarks/scale_out.py [--worker-threads N] [--out NAME.json] [--set key=value ...]
 
 Starts `prefect server start` on loopback and three `prefect worker start` process workers (two on
 `gpu`, one on `cpu`, each in its own working directory), runs `nash deploy` and `nash run` on the
@@ -57,10 +57,15 @@ def _nash(args, env, cwd):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--worker-threads", type=int, help="OMP_NUM_THREADS of each worker (two sampling workers "
+                    "share this machine's cores; default: torch's own choice)")
+    ap.add_argument("--out", default="scale_out.json")
     args = ap.parse_args()
+    threads = {"OMP_NUM_THREADS": str(args.worker_threads)} if args.worker_threads else {}
     base = SMALL + args.set
     out: dict = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                             "cpus": __import__("os").cpu_count()}, "overrides": base}
+                             "cpus": __import__("os").cpu_count()}, "overrides": base,
+           "worker_threads": args.worker_threads}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with PrefectServer(tmp / "prefect-local") as server:  # the in-process run, against its own server
@@ -73,7 +78,7 @@ def main() -> None:
                 (tmp / name).mkdir()
                 server.start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
                               "process", "--name", name, "--limit", "1"], f"worker-{name}.log", cwd=tmp / name,
-                             env={"PREFECT_WORKER_QUERY_SECONDS": "1"})
+                             env={"PREFECT_WORKER_QUERY_SECONDS": "1", **threads})
             env = server.env()
             sets = _sets(base + POOLS + ["run.name=bench"])
             out["deploy_s"] = round(_nash(["deploy", CONFIG, "--runs-dir", str(tmp / "pools"), *sets], env, tmp), 1)
@@ -100,7 +105,7 @@ def main() -> None:
             out["children"] = sorted(children, key=lambda c: c["child"])
     out["stage_seconds"] = {"in_process": {k: v["seconds"] for k, v in local["stages"].items()},
                             "pools": {k: v["seconds"] for k, v in manifest["stages"].items()}}
-    path = ROOT / "benchmarks" / "results" / "scale_out.json"
+    path = ROOT / "benchmarks" / "results" / args.out
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
