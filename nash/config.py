@@ -320,6 +320,7 @@ class LoraSection(Section):
     target_modules: str | list[str] = Field("all-linear", description="PEFT target_modules.")
 
 
+ACCELERATE_CONFIGS = ("ddp", "zero3", "fsdp2")  # nash/data/accelerate/<name>.yaml
 PAIRED_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
 
 
@@ -351,8 +352,22 @@ class TrainSection(Section):
     launcher: Literal["python", "accelerate"] = Field(
         "python", description="Training runs in a subprocess: plain python, or `accelerate launch` (multi-GPU)."
     )
-    num_processes: int = Field(1, ge=1, description="accelerate: processes (GPUs).")
+    num_processes: int = Field(1, ge=1, description="accelerate: processes (GPUs), over every machine.")
+    accelerate_config: LocalPath | None = Field(
+        None, description="accelerate: a shipped config (ddp, zero3, fsdp2; nash/data/accelerate/) or the path of "
+        "your own accelerate config file; null: accelerate's defaults (DDP with --num_processes > 1).")
+    launch_prefix: list[str] = Field(
+        [], description="accelerate: a command that starts the launcher on every machine of a multi-node job, "
+        "e.g. [srun, --nodes=2, --ntasks-per-node=1]; each machine reads its rank from its environment.")
     kl_prompts: int = Field(16, ge=0, description="Training prompts on which KL(π_{t+1} || π_t) is measured (0: skip).")
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _known_accelerate_config(cls, v):
+        if v is not None and v not in ACCELERATE_CONFIGS and not Path(v).is_file():
+            raise ValueError(f"{v!r} is neither a shipped accelerate config ({', '.join(ACCELERATE_CONFIGS)}) "
+                             "nor a file")
+        return v
 
     @model_validator(mode="after")
     def _loss_options(self):

@@ -69,6 +69,10 @@ def preflight(cfg, run: RunDir) -> None:
         probe_server(built.backend.client, section)
     else:
         check_judge(annotator, section, held_out, annotating=True)
+    if "train" not in remote:
+        from nash.training import check_training
+
+        check_training(cfg.train)
     if cfg.eval.drift_prompts:
         from nash.drift import load_texts
 

@@ -2,6 +2,8 @@ import json
 import os
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from nash import iteration
 from nash.config import ConfigError, load_config
@@ -170,9 +172,58 @@ def test_training_subprocess_failure_names_the_log_and_keeps_pairs(tmp_path, tin
     assert it.manifest()["stages"]["train"]["status"] == "failed" and it.pairs.read_bytes() == pairs_before
 
 
-def test_accelerate_launcher_trains(tmp_path, tiny_overrides):
-    run, it = _up_to_train(tmp_path, tiny_overrides + ["run.name=acc", "train.launcher=accelerate"])
+def test_accelerate_ddp_two_processes_trains_a_policy_that_loads_and_moved(tmp_path, tiny_overrides):
+    # The shipped DDP config under `accelerate launch --num_processes 2`: on this CPU, gloo.
+    run, it = _up_to_train(tmp_path, tiny_overrides + ["run.name=acc", "train.launcher=accelerate",
+                                                       "train.num_processes=2", "train.accelerate_config=ddp"])
     iteration.train(str(it.path))
     log = (it.path / "train.log").read_text()
-    assert "accelerate.commands.launch --num_processes 1 -m nash.train_worker" in log
-    assert it.manifest()["train"]["steps"] > 0 and (it.policy / "model.safetensors").is_file()
+    assert "accelerate.commands.launch --num_processes 2 --config_file" in log and "ddp.yaml" in log
+    metrics = it.manifest()["train"]
+    assert metrics["num_processes"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
+    assert metrics["steps"] > 0
+    parent = it.manifest()["parent_policy"]["path"]
+    before = AutoModelForCausalLM.from_pretrained(parent).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(it.policy).state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not (it.path / "policy.partial").exists()
+
+
+
+
+def test_two_machine_training_job_through_a_launch_prefix(tmp_path, tiny_overrides, monkeypatch):
+    # Two "machines" on loopback: the prefix starts the launcher twice, as srun would on two nodes,
+    # and each launcher reads its own rank from its environment.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("NASH_NUM_MACHINES", "2")
+    monkeypatch.setenv("NASH_MAIN_PROCESS_IP", "127.0.0.1")
+    monkeypatch.setenv("NASH_MAIN_PROCESS_PORT", str(port))
+    prefix = '[bash, -c, "NASH_MACHINE_RANK=1 \\"$@\\" & NASH_MACHINE_RANK=0 \\"$@\\"; r=$?; wait $! && exit $r", x]'
+    run, it = _up_to_train(tmp_path, tiny_overrides + ["run.name=nodes", "train.launcher=accelerate",
+                                                       "train.num_processes=2", "train.accelerate_config=ddp",
+                                                       f"train.launch_prefix={prefix}"])
+    iteration.train(str(it.path))
+    log = (it.path / "train.log").read_text()
+    assert "--num_machines 2 --machine_rank 0" in log and "--num_machines 2 --machine_rank 1" in log
+    metrics = it.manifest()["train"]
+    assert metrics["num_processes"] == 2 and metrics["steps"] > 0
+    assert (it.policy / "model.safetensors").is_file()
+
+
+def test_multi_node_flags_come_from_each_machines_environment():
+    from nash.errors import UserError
+    from nash.training import multi_node_args
+
+    assert multi_node_args({}) == [] and multi_node_args({"SLURM_NNODES": "4"}) == []  # not inside srun
+    slurm = {"SLURM_NODEID": "3", "SLURM_NNODES": "4", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1"}
+    assert multi_node_args(slurm) == ["--num_machines", "4", "--machine_rank", "3", "--main_process_ip",
+                                      "10.0.0.1", "--main_process_port", "29500"]
+    assert multi_node_args({**slurm, "NASH_MAIN_PROCESS_IP": "head", "NASH_MAIN_PROCESS_PORT": "7000"})[-3:] == [
+        "head", "--main_process_port", "7000"]
+    with pytest.raises(UserError, match="NASH_MACHINE_RANK and NASH_MAIN_PROCESS_IP"):
+        multi_node_args({"NASH_NUM_MACHINES": "2"})

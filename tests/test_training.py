@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from nash.config import LengthGuard, LoraSection, TrainSection
 from nash.records import Pair
-from nash.training import build_trainer, train_policy
+from nash.errors import UserError
+from nash.training import accelerate_config_path, build_trainer, check_training, train_policy
 
 BETA = 0.2
 
@@ -226,3 +227,45 @@ def test_nll_alpha_adds_the_rpo_nll_term_on_chosen_tokens(tiny_model_dir, tmp_pa
 def test_nll_alpha_needs_a_dpo_family_loss():
     with pytest.raises(ValueError, match="nll_alpha works with the DPOTrainer losses"):
         TrainSection(loss="kto", nll_alpha=1.0)
+
+
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("zero3", "DEEPSPEED"), ("fsdp2", "FSDP")])
+def test_shipped_accelerate_configs_load_into_accelerates_plugins(name, kind, monkeypatch):
+    # What `accelerate launch --config_file` hands each process, read back by accelerate's own plugins.
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, prepare_multi_gpu_env
+
+    path = accelerate_config_path(name)
+    assert path.is_file()
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(path), "--num_processes", "8", "-m", "nash.train_worker", "ITER"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert defaults.distributed_type.value == kind and args.num_processes == 8
+    if kind == "FSDP":
+        for k, v in prepare_multi_gpu_env(args).items():
+            monkeypatch.setenv(k, v)
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and str(plugin.state_dict_type).endswith("FULL_STATE_DICT")
+        assert plugin.reshard_after_forward is True and plugin.cpu_ram_efficient_loading
+    if kind == "DEEPSPEED":
+        ds = {k: v for k, v in defaults.deepspeed_config.items() if k != "deepspeed_multinode_launcher"}
+        zero = DeepSpeedPlugin(**ds).deepspeed_config["zero_optimization"]
+        assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+        assert zero["offload_optimizer"]["device"] == "none"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA is told")
+def test_sharded_configs_are_refused_without_cuda_and_a_bad_file_is_named(tmp_path):
+    for name in ("zero3", "fsdp2"):
+        with pytest.raises(UserError, match=rf"{name} \((DEEPSPEED|FSDP)\) shards the policy .* no CUDA device"):
+            check_training(TrainSection(launcher="accelerate", num_processes=2, accelerate_config=name))
+    check_training(TrainSection(launcher="accelerate", num_processes=2, accelerate_config="ddp"))
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("distributed_type: SHARDED_SOMEHOW\n")
+    with pytest.raises(UserError, match=r"train.accelerate_config: .*mine.yaml is not an accelerate config"):
+        check_training(TrainSection(launcher="accelerate", accelerate_config=str(bad)))
+
+
+def test_an_accelerate_config_that_is_not_there_is_a_config_error():
+    with pytest.raises(ValueError, match="neither a shipped accelerate config"):
+        TrainSection(launcher="accelerate", accelerate_config="zero9")
