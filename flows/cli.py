@@ -23,7 +23,7 @@ from pathlib import Path
 from nash.config import ConfigError, load_config
 from nash.errors import UserError
 from nash.registry import RunDir
-from nash.report import format_table, iteration_row
+from nash.report import decisions_text, format_table, headlines, iteration_row
 from nash.runlock import run_lock
 
 # The temporary server would otherwise try to send usage telemetry, which fails offline
@@ -157,6 +157,18 @@ def print_status(run: RunDir) -> None:
     rows = [iteration_row(it.manifest()) for it in run.iterations()]
     print(f"run {run.name}  ({run.path})")
     print(format_table(rows) if rows else "  no iterations yet")
+    decisions = decisions_text(headlines(run))
+    if decisions:
+        print(decisions)
+    if run.promoted_path.is_file():
+        promoted = json.loads(run.promoted_path.read_text())
+        print(f"  promoted: iter_{promoted['iteration']:03d} ({promoted['policy']}); the next iteration trains from "
+              f"{_next_parent(run)}")
+
+
+def _next_parent(run: RunDir) -> str:
+    parent = run.parent_of_next(run.config().train.parent)
+    return f"{parent.path.name} (train.parent {run.config().train.parent})" if parent else "π_0"
 
 
 def _find_run(args) -> RunDir:
@@ -206,6 +218,8 @@ def _eval_locked(args, run: RunDir) -> int:
             close_judge(judge)
     print(f"run {run.name}  ({run.path})")
     print(report.format_table(report.table_rows(heads)))
+    if args.against == "reference" and heads:
+        print(report.decisions_text(heads))
     if args.against == "reference" and args.iteration is None and heads:
         plot = report.plot_run(run, heads, title=f"{run.name}: vs {heads[-1]['against']}")
         print(f"plot: {plot}")

@@ -68,6 +68,7 @@ def iteration_flow(iter_dir: str) -> str:
                              description=f"{iter_dir}: held-out answers of π_0, the previous and this iteration")
     for warning in metrics["warnings"]:
         log.warning(warning)
-    log.info("iteration %s complete: win rate %s vs %s, LC win rate %s, KL to π_0 %s, promoted %s",
-             row["iteration"], row["win rate"], row["vs"], row["LC win rate"], row["KL to π_0"], row["promoted"])
+    log.info("iteration %s complete: win rate %s vs %s, LC win rate %s, KL to π_0 %s; %s",
+             row["iteration"], row["win rate"], row["vs"], row["LC win rate"], row["KL to π_0"],
+             metrics["promotion"].get("reason", f"promoted {row['promoted']}"))
     return manifest_path

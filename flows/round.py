@@ -34,6 +34,7 @@ def summary_markdown(run: RunDir) -> str:
     heads = report.headlines(run)
     if heads:
         out += "\n## Evaluation\n\n" + _markdown_table(report.table_rows(heads))
+        out += "\n" + "\n".join(f"- {line.strip()}" for line in report.decisions_text(heads).splitlines()) + "\n"
     if run.promoted_path.is_file():
         promoted = json.loads(run.promoted_path.read_text())
         out += f"\nPromoted: iteration {promoted['iteration']} ({promoted['policy']})\n"

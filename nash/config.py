@@ -335,6 +335,9 @@ class TrainSection(Section):
     cpo_alpha: float = Field(1.0, ge=0.0, description="cpo: weight of the NLL term on the chosen answer.")
     nll_alpha: float = Field(0.0, ge=0.0, description="dpo/ipo/hinge/robust: weight of an NLL term on the chosen "
                              "answer added to the preference loss (RPO, iterative RPO); 0: none.")
+    parent: Literal["promoted", "last"] = Field(
+        "promoted", description="What the next iteration trains from: the promoted policy (π_0 until one is), or "
+        "the last complete iteration whatever its evaluation (DNO's rule).")
     reference: Literal["previous", "initial"] = Field(
         "previous", description="previous: π_t, the policy that sampled the candidates; initial: π_0."
     )
@@ -381,8 +384,21 @@ class TrainSection(Section):
         return self
 
 
+class GateSection(Section):
+    """Promotion against the promoted policy, head to head on the held-out prompts (nash/gate.py)."""
+
+    metrics: list[Literal["win_rate", "substantive_pass_rate", "degenerate"]] = Field(
+        ["win_rate", "substantive_pass_rate", "degenerate"],
+        description="Figures compared prompt by prompt with the promoted policy: the annotator's head-to-head "
+        "preference, the real pass rate, the degenerate share.")
+    confidence: float = Field(0.9, gt=0.5, lt=1.0, description="Two-sided confidence of the paired bootstrap "
+                              "intervals.")
+    margin: float = Field(0.02, ge=0.0, lt=1.0, description="How far below 0 a figure's interval may reach; no "
+                          "figure's point estimate may be below 0, and one interval must be above 0.")
+
+
 class EvalSection(Section):
-    num_prompts: int = Field(64, ge=0, description="Held-out prompts to evaluate (0: all).")
+    num_prompts: int = Field(384, ge=0, description="Held-out prompts to evaluate (0: all).")
     max_new_tokens: int = Field(96, ge=1)
     reference: LocalPath = Field(
         "initial",
@@ -422,6 +438,9 @@ class EvalSection(Section):
         "e.g. 'win_rate >= best', 'kl_from_initial <= 0.5'. Empty: every iteration with at least one usable "
         "annotation is promoted.",
     )
+    gate: GateSection | None = Field(
+        default_factory=GateSection, description="Promote only an iteration that beats the promoted policy (π_0 "
+        "until one is) head to head; null: eval.promote_if alone decides.")
     min_words: int = Field(6, ge=0, description="Answers with fewer words count as short (degenerate); 0: no "
                            "short flag.")
     warn_win_rate_drop: float = Field(0.05, ge=0.0, description="Warn when win rate falls by more than this.")

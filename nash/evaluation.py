@@ -23,7 +23,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from nash import report
+from nash import gate, report
 from nash.drift import load_texts, perplexity, token_kl
 from nash.errors import UserError
 from nash.judges import build_alpaca_eval_judge, build_judge, close_judge
@@ -384,6 +384,23 @@ def answer_report(prompts: list[Prompt], answers: list[Sample], min_words: int) 
     return rep
 
 
+def answer_flags(prompts: list[Prompt], answers: list[Sample], min_words: int) -> dict[str, dict]:
+    """Per prompt: whether the answer is a real answer meeting every constraint (None: the prompt has
+    none) and whether it is degenerate; what the head-to-head gate compares prompt by prompt."""
+    from nash import constraints, quality
+
+    by_id = {p.id: p for p in prompts}
+    out = {}
+    for s in answers:
+        p = by_id.get(s.prompt_id)
+        if p is None:
+            continue
+        real = quality.degeneration(s.response, p.topic, min_words)["substantive"]
+        passed = all(constraints.check(c, s.response) for c in p.constraints) if p.constraints else None
+        out[p.id] = {"real_pass": None if passed is None else bool(passed and real), "degenerate": not real}
+    return out
+
+
 def side_by_side(prompts: list[Prompt], columns: dict[str, list[Sample]], n: int) -> list[dict]:
     """The first `n` prompts that every column answered, with each column's answer and its flags."""
     from nash import quality
@@ -490,13 +507,41 @@ def answers_side_by_side(it: IterationDir, n: int = 6) -> list[dict]:
     return side_by_side(prompts, columns, n)
 
 
+def versus_promoted(it: IterationDir, cfg, reference_result: dict, annotator, progress=None) -> dict | None:
+    """The new iteration head to head with the promoted policy (π_0 until one is), and the gate's decision."""
+    if cfg.eval.gate is None:
+        return None
+    g, run = cfg.eval.gate, it.run
+    promoted = run.promoted(before=it.index)
+    against = promoted.path.name if promoted else "iter_000"
+    if reference_result["generator"] == against:  # the reference comparison is already this one
+        annotations = it.eval_dir / "vs_reference" / "judgments.jsonl"
+    else:
+        compare_iteration(it, against, progress, judge_=annotator)
+        annotations = it.eval_dir / f"vs_{against}" / "judgments.jsonl"
+    prompts = read_jsonl(run.eval_prompts, Prompt)
+    old_dir = promoted.eval_dir if promoted else run.baseline_dir / "eval"
+    new = answer_flags(prompts, read_jsonl(it.eval_dir / "samples.jsonl", Sample), cfg.eval.min_words)
+    old = answer_flags(prompts, read_jsonl(old_dir / "samples.jsonl", Sample), cfg.eval.min_words)
+    diffs = gate.differences(preferences(read_jsonl(annotations, Judgment)), new, old)
+    comparisons = gate.head_to_head(diffs, g.metrics, g.confidence)
+    return {"against": against, "confidence": g.confidence, "margin": g.margin, "comparisons": comparisons,
+            **gate.decide(comparisons, against, g.margin, g.confidence)}
+
+
 def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> dict:
-    """The evaluate stage: annotation against the reference, drift, degeneration, warnings, promotion.
+    """The evaluate stage: annotation against the reference and head to head with the promoted policy,
+    drift, degeneration, warnings, promotion.
 
     Writes metrics.json and the run's plot; returns the stage's summary for the manifest.
     """
     cfg = it.run.config()
-    result = compare_iteration(it, "reference", progress)
+    annotator = eval_judge(cfg, it.precision(), it.eval_dir / "judge_server")
+    try:
+        result = compare_iteration(it, "reference", progress, judge_=annotator)
+        versus = versus_promoted(it, cfg, result, annotator, progress)
+    finally:
+        close_judge(annotator)
     drifted = drift(it, cfg)
     degen = degeneration(it, cfg)
     pol, ini = degen["policy"], degen["initial"]
@@ -510,8 +555,12 @@ def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> di
     earlier = report.headlines(it.run, before=it.index)
     manifest = it.manifest()
     warned = report.warnings_for(head, earlier, cfg.eval, manifest.get("train", {}))
-    promo = report.promotion(head, earlier, cfg.eval.promote_if)
-    head["promoted"] = promo["promoted"]
+    promo = report.promotion(head, earlier, cfg.eval.promote_if, versus)
+    head["promoted"], head["promotion_reason"] = promo["promoted"], promo["reason"]
+    if versus is not None:
+        head["versus"] = {"against": versus["against"], "promoted": versus["promoted"],
+                          **{m: {k: c[k] for k in ("n", "mean", "low", "high", "mde")}
+                             for m, c in versus["comparisons"].items()}}
     metrics = {
         "iteration": it.index,
         "headline": head,
@@ -520,6 +569,7 @@ def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> di
         "degeneration": degen,
         "warnings": warned,
         "promotion": promo,
+        "versus_promoted": versus,
         "eval_judge_usage": result["usage"],
         "precision": manifest.get("precision"),
         "train": manifest.get("train", {}),
@@ -529,5 +579,6 @@ def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> di
     write_json(it.metrics, metrics)
     for w in warned:
         log.warning(w)
+    log.info("iter_%03d %s", it.index, promo["reason"])
     report.plot_run(it.run, earlier + [head], title=f"{it.run.name}: vs {head['against']}")
     return {"win_rate": head["win_rate"], "warnings": len(warned)}

@@ -101,15 +101,19 @@ def prepare(run_dir: str) -> str:
     if not run.eval_prompts.is_file():
         write_jsonl(run.eval_prompts, eval_prompts(cfg, all_prompts))
     part = prompt_sources.partition(all_prompts, it.index, cfg.prompts.partition_size, cfg.prompts.seed)
-    parent = run.last_complete()
+    parent = run.parent_of_next(cfg.train.parent)
     parent_policy = str(parent.policy) if parent else resolve_policy(cfg.policy.model)
+    last = run.last_complete()
+    if last is not None and parent != last:
+        log.info("iter_%03d trains from %s, the promoted policy (train.parent promoted): %s was not promoted",
+                 it.index, parent.path.name if parent else "π_0", last.path.name)
     it.path.mkdir(parents=True, exist_ok=True)
     write_jsonl(it.path / "prompts.jsonl", part)
     it.update_manifest(
         iteration=it.index,
         status="running",
         config_hash=cfg.hash(),
-        parent_policy={"iteration": parent.index if parent else 0, "path": parent_policy},
+        parent_policy={"iteration": parent.index if parent else 0, "path": parent_policy, "rule": cfg.train.parent},
         prompt_partition={"index": it.index, "size": len(part), "ids": [p.id for p in part]},
         packages=package_versions(),
         precision=precision_for(cfg).describe(),

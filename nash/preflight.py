@@ -79,7 +79,7 @@ def preflight(cfg, run: RunDir) -> None:
         load_texts(cfg.eval.drift_text)
     policy = resolve_policy(cfg.policy.model)
     check_model(policy, "policy.model")
-    parent = run.last_complete()
+    parent = run.parent_of_next(cfg.train.parent)
     if parent is not None:
         check_model(str(parent.policy), f"the policy of {parent.path.name} (the next iteration's parent)")
     check_lengths(cfg, policy, training, held_out)

@@ -35,6 +35,18 @@ TOPICS = [
     "fireflies", "rainbows", "marathons", "bakeries", "glaciers", "puppets", "space travel",
 ]
 
+# Topics that only the held-out split uses, so that it is large enough for the head-to-head gate
+# to see a 5-point change in the real pass rate (README "Promotion"). Generated after the others
+# from a separate stream: the training prompts and the first held-out ones are as before.
+EVAL_ONLY_TOPICS = [
+    "volleyball", "umbrellas", "the violin", "coral reefs", "lemons", "skyscrapers", "ants", "pottery",
+    "the printing press", "wind turbines", "caves", "the piano", "sunflowers", "ferries", "origami",
+    "hot air balloons", "telescopes", "squirrels", "picnics", "knitting", "waterfalls", "the zoo",
+    "pancakes", "canoes", "libraries of music", "radio", "the desert fox", "bees' wax candles", "castles",
+    "the rainy season", "crossword puzzles", "lanterns", "swimming", "the compass", "strawberries",
+    "tortoises", "the harbor", "yoga", "bookshops", "the night sky",
+]
+
 TASKS = [
     "Write a short paragraph about {topic}.",
     "Explain {topic} to a ten-year-old.",
@@ -75,13 +87,20 @@ class PromptError(UserError, ValueError):
 
 
 def builtin_prompts(seed: int = 0, per_topic: int = 7, eval_topics: int = 12) -> list[Prompt]:
+    """420 prompts on 60 topics (12 held out), then 320 held-out prompts on 40 topics of their own."""
     rng = random.Random(seed)
     topics = TOPICS[:]
     rng.shuffle(topics)
     held_out = set(topics[:eval_topics])
+    prompts = _generate(rng, sorted(TOPICS), per_topic, held_out)
+    extra = random.Random(f"{seed}-eval-only")
+    return prompts + _generate(extra, EVAL_ONLY_TOPICS, len(TASKS), set(EVAL_ONLY_TOPICS))
+
+
+def _generate(rng: random.Random, topics: list[str], per_topic: int, held_out: set[str]) -> list[Prompt]:
     kinds = list(_CHOICES)
     prompts = []
-    for topic in sorted(TOPICS):
+    for topic in topics:
         for j, task in enumerate(rng.sample(TASKS, per_topic)):
             while True:
                 chosen = rng.sample(kinds, 1 if rng.random() < 0.3 else 2)

@@ -171,6 +171,21 @@ class RunDir:
         done = self.lineage()
         return done[-1] if done else None
 
+    def promoted(self, before: int | None = None) -> IterationDir | None:
+        """The promoted policy's iteration (of those before `before`); None: π_0."""
+        for it in reversed(self.lineage(before)):
+            if it.metrics.is_file() and json.loads(it.metrics.read_text()).get("headline", {}).get("promoted"):
+                return it
+        return None
+
+    def parent_of_next(self, rule: str, before: int | None = None) -> IterationDir | None:
+        """What the next iteration trains from (`train.parent`): the promoted policy or the last complete
+        iteration; None: π_0."""
+        if rule == "last":
+            done = self.lineage(before)
+            return done[-1] if done else None
+        return self.promoted(before)
+
     def next_iteration(self) -> IterationDir:
         """The unfinished last iteration if there is one, else a new one after every iteration directory.
 
@@ -197,10 +212,9 @@ class RunDir:
         later = [it for it in self.iterations() if it.index > to and not it.rolled_back]
         for it in later:
             it.update_manifest(status="rolled_back", rolled_back={"from_status": it.status, "to": to, "at": now()})
-        promoted = [it for it in self.lineage() if json.loads(it.metrics.read_text()).get("headline", {}).get("promoted")]
+        promoted = self.promoted()
         if promoted:
-            head = json.loads(promoted[-1].metrics.read_text())["headline"]
-            self.record_promotion(head, promoted[-1].policy)
+            self.record_promotion(json.loads(promoted.metrics.read_text())["headline"], promoted.policy)
         else:
             self.promoted_path.unlink(missing_ok=True)
         return later

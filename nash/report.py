@@ -122,8 +122,9 @@ def warnings_for(head: dict, earlier: list[dict], eval_cfg, train: dict | None =
     return out
 
 
-def promotion(head: dict, earlier: list[dict], conditions: list[str]) -> dict:
-    """Whether the iteration meets every `eval.promote_if` condition, with the reason for each.
+def promotion(head: dict, earlier: list[dict], conditions: list[str], versus: dict | None = None) -> dict:
+    """Whether the iteration is promoted: every `eval.promote_if` condition and, where `eval.gate` is on,
+    the head-to-head decision against the promoted policy (nash/gate.py); with one reason to read.
 
     An iteration whose evaluation has no usable annotation is never promoted, whatever the conditions.
     """
@@ -142,7 +143,22 @@ def promotion(head: dict, earlier: list[dict], conditions: list[str]) -> dict:
         # Nothing to compare with yet (the first iteration against `best`) passes.
         ok = True if target is None else (value is not None and OPS[op](value, target))
         checks.append({"condition": text, "value": value, "target": target, "ok": ok})
-    return {"promoted": all(c["ok"] for c in checks), "checks": checks}
+    failed = [f"{c['condition']} ({fmt(c['value'])})" for c in checks if not c["ok"]]
+    if versus is not None:
+        checks += versus["checks"]
+    if failed:
+        unmet = "eval.promote_if not met: " + "; ".join(failed)
+        if versus is not None and not versus["promoted"]:
+            return {"promoted": False, "checks": checks, "reason": f"{versus['reason']}; {unmet}"}
+        return {"promoted": False, "checks": checks, "reason": f"refused: {unmet}"}
+    if versus is not None:
+        return {"promoted": versus["promoted"], "checks": checks, "reason": versus["reason"]}
+    return {"promoted": True, "checks": checks, "reason": "promoted: every eval.promote_if condition holds"}
+
+
+def decisions_text(heads: list[dict]) -> str:
+    """One line per iteration: promoted or refused, and why."""
+    return "\n".join(f"  iter_{h['iteration']:03d} {h['promotion_reason']}" for h in heads if h.get("promotion_reason"))
 
 
 def table_rows(heads: list[dict]) -> list[dict]:
@@ -160,8 +176,23 @@ def table_rows(heads: list[dict]) -> list[dict]:
         "length x π_0": fmt(h.get("length_ratio"), 2),
         "KL to π_0": fmt(h.get("kl_from_initial"), 4),
         "perplexity": fmt(h.get("perplexity"), 2),
+        "head to head": fmt_versus(h),
         "promoted": fmt_promoted(h),
     } for h in heads]
+
+
+def fmt_versus(h: dict) -> str:
+    """'iter_003: 0.430, real pass -0.094': win rate against the policy it had to beat, and the
+    change in the real pass rate, prompt by prompt."""
+    v = h.get("versus")
+    if not v:
+        return "-"
+    win = v.get("win_rate", {}).get("mean")
+    real = v.get("substantive_pass_rate", {}).get("mean")
+    parts = [fmt(win + 0.5) if win is not None else "-"]
+    if real is not None:
+        parts.append(f"real pass {real:+.3f}")
+    return f"{v['against']}: " + ", ".join(parts)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -197,7 +228,8 @@ def plot_run(run, heads: list[dict], title: str = "") -> Path | None:
 
 def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
     """Win rate (± SE), LC win rate, real pass rate, degenerate share and mean answer length against
-    iteration, as a PNG."""
+    iteration, the win rate against the policy each iteration had to beat, and which were promoted
+    (star) or refused (x), as a PNG."""
     if not heads:
         return None
     import matplotlib
@@ -218,6 +250,17 @@ def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
         ys = [h.get(key) for h in heads]
         if any(y is not None for y in ys):
             ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, color=color, label=label)
+    versus = [(h["iteration"], h["versus"]["win_rate"]) for h in heads
+              if (h.get("versus") or {}).get("win_rate", {}).get("mean") is not None]
+    if versus:  # against the policy each iteration had to beat, with the gate's interval
+        vx = [x for x, _ in versus]
+        vy = [v["mean"] + 0.5 for _, v in versus]
+        err = [[v["mean"] - v["low"] for _, v in versus], [v["high"] - v["mean"] for _, v in versus]]
+        ax.errorbar(vx, vy, yerr=err, fmt="v", color="tab:brown", capsize=3, label="win rate vs promoted (CI)")
+    for h in heads:  # the promoted lineage along the top
+        if h.get("promoted") is not None:
+            ax.plot(h["iteration"], 0.97, "*" if h["promoted"] else "x", ms=10 if h["promoted"] else 7,
+                    color="gold" if h["promoted"] else "grey", markeredgecolor="black" if h["promoted"] else None)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"rate (win rate vs {heads[-1].get('against', 'reference')})")

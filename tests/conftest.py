@@ -61,4 +61,5 @@ def tiny_overrides(tiny_model_dir, tiny_prompts):
         "pairs.per_prompt=all",
         "judge.kind=rules",
         "train.epochs=1",
+        "eval.gate=null",  # a tiny random policy beats nothing: the gate has tests of its own (test_gate.py)
     ]

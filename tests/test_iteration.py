@@ -68,7 +68,7 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
     assert len(replayed) == min(want, len(fresh1)) > 0
     assert {(p.prompt_id, p.chosen_candidate, p.rejected_candidate) for p in replayed} <= fresh1
     # π_2 is trained from π_1 on fresh prompts.
-    assert it2.manifest()["parent_policy"] == {"iteration": 1, "path": str(it1.policy)}
+    assert it2.manifest()["parent_policy"] == {"iteration": 1, "path": str(it1.policy), "rule": "promoted"}
     assert not set(it1.manifest()["prompt_partition"]["ids"]) & set(it2.manifest()["prompt_partition"]["ids"])
     assert {s.policy for s in read_jsonl(it2.samples, Sample)} == {"iter_001"}
     # π_0's held-out answers are generated once and shared by every iteration.

@@ -155,7 +155,7 @@ def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
     iteration.run_iteration(str(run.path))
     it3 = IterationDir(run, 3)
     m3 = it3.manifest()
-    assert it3.complete and m3["parent_policy"] == {"iteration": 1, "path": str(it1.policy)}
+    assert it3.complete and m3["parent_policy"] == {"iteration": 1, "path": str(it1.policy), "rule": "promoted"}
     assert m3["prompt_partition"]["ids"] != it2.manifest()["prompt_partition"]["ids"]  # fresh prompts
     replayed = {p.iteration for p in read_jsonl(it3.pairs, Pair)} - {3}
     assert replayed <= {1} and m3["pairs"]["replayed"].keys() == {"iter_001"}, m3["pairs"]["replayed"]
