@@ -305,8 +305,9 @@ class LMJudge:
         scores = r["value"] or r.get("partial") or {}
         out = []
         for k, cid in enumerate(ids):
-            # The one request's usage is booked on candidate 0 so that sums stay exact.
-            usage = r if k == 0 else {**r, **dict.fromkeys(USAGE, 0)}
+            # The one request's usage and its reply are recorded on candidate 0, so sums stay exact and
+            # judgments.jsonl holds each reply once; a candidate without a score keeps the reply too.
+            usage = r if k == 0 else {**r, **dict.fromkeys(USAGE, 0), "raw": r["raw"] if cid not in scores else None}
             if cid in scores:
                 out.append(self._judgment(prompt, k, usage, outcome="scored", score=scores[cid], details={"id": cid}))
             else:

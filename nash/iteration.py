@@ -42,7 +42,7 @@ from nash.records import (
     write_json,
     write_jsonl,
 )
-from nash.registry import IterationDir, RunDir, now, package_versions
+from nash.registry import IterationDir, RunDir, now, package_versions, sha256_file
 from nash.sampling import THROUGHPUT, Progress, SamplingParams, build_sampler, throughput
 from nash.training import train_in_subprocess
 
@@ -114,7 +114,9 @@ def prepare(run_dir: str) -> str:
         status="running",
         config_hash=cfg.hash(),
         parent_policy={"iteration": parent.index if parent else 0, "path": parent_policy, "rule": cfg.train.parent},
-        prompt_partition={"index": it.index, "size": len(part), "ids": [p.id for p in part]},
+        # The ids are in prompts.jsonl: a manifest rewritten at every stage stays small at any partition size.
+        prompt_partition={"index": it.index, "size": len(part), "file": "prompts.jsonl",
+                          "sha256": sha256_file(it.path / "prompts.jsonl")},
         packages=package_versions(),
         precision=precision_for(cfg).describe(),
         started_at=now(),

@@ -202,7 +202,14 @@ def test_dno_recipe_evaluates_against_an_alpaca_eval_file(prefect_server, tmp_pa
     assert it2.manifest()["pairs"]["replayed"]["iter_001"]["drawn"] > 0
     assert run.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in summary_markdown(run)
-    assert json.loads(run.promoted_path.read_text())["iteration"] in (1, 2)
+    heads = [json.loads(it.metrics.read_text())["headline"] for it in (it1, it2)]
+    assert all(h["promotion_reason"] and h["versus"]["against"] in ("iter_000", "iter_001") for h in heads)
+    promoted = [h["iteration"] for h in heads if h["promoted"]]
+    if promoted:
+        assert json.loads(run.promoted_path.read_text())["iteration"] == promoted[-1]
+    else:
+        assert not run.promoted_path.exists()
+    assert it2.manifest()["parent_policy"]["iteration"] == 1  # the recipe's train.parent: last
     capsys.readouterr()
 
     assert main(["eval", "dno-gpt4", "--runs-dir", str(tmp_path / "runs")]) == 0

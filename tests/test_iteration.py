@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from nash import iteration
 from nash.config import ConfigError, load_config
-from nash.records import Judgment, Pair, Sample, read_jsonl
+from nash.records import Judgment, Pair, Prompt, Sample, read_jsonl
 from nash.registry import RunDir, sha256_file
 
 
@@ -69,7 +69,9 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
     assert {(p.prompt_id, p.chosen_candidate, p.rejected_candidate) for p in replayed} <= fresh1
     # π_2 is trained from π_1 on fresh prompts.
     assert it2.manifest()["parent_policy"] == {"iteration": 1, "path": str(it1.policy), "rule": "promoted"}
-    assert not set(it1.manifest()["prompt_partition"]["ids"]) & set(it2.manifest()["prompt_partition"]["ids"])
+    ids = [{p.id for p in read_jsonl(it.path / "prompts.jsonl", Prompt)} for it in (it1, it2)]
+    assert ids[0] and not ids[0] & ids[1]
+    assert it1.manifest()["prompt_partition"]["sha256"] == sha256_file(it1.path / "prompts.jsonl")
     assert {s.policy for s in read_jsonl(it2.samples, Sample)} == {"iter_001"}
     # π_0's held-out answers are generated once and shared by every iteration.
     assert (run.baseline_dir / "eval" / "samples.jsonl").is_file()

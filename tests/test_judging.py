@@ -116,3 +116,24 @@ def test_budget_stops_chunked_judging_after_the_chunk_that_spent_it(tiny_model_d
     judgments, info = judge_samples(judge, PROMPTS, SAMPLES, tmp_path / "j.jsonl")
     assert {j.prompt_id for j in judgments} == {"p0", "p1"}
     assert info["unjudged_prompts"] == 3 and "budget_tokens=1 spent" in info["budget_stop"]
+
+
+def test_judgment_cache_survives_a_kill_and_imports_the_old_jsonl(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from nash.judges.cache import JudgmentCache
+
+    path = tmp_path / "judge.sqlite"
+    # Old-format replies beside it are imported once, then set aside.
+    path.with_suffix(".jsonl").write_text(json.dumps({"key": "old", "reply": {"text": "5"}}) + "\n" + '{"key": "cut')
+    code = ("import os, sys; from nash.judges.cache import JudgmentCache\n"
+            "c = JudgmentCache(sys.argv[1])\n"
+            "for i in range(500): c.put(f'k{i}', {'text': str(i)})\n"
+            "os.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(path)]).returncode == -9
+    cache = JudgmentCache(path)
+    assert len(cache) == 501 and cache.get("k499") == {"text": "499"} and cache.get("old") == {"text": "5"}
+    assert cache.get("missing") is None
+    assert not path.with_suffix(".jsonl").exists() and path.with_suffix(".jsonl.imported").is_file()

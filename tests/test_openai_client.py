@@ -106,8 +106,11 @@ def test_undecodable_past_max_retries_is_failed_uncached_and_asked_again(server,
     assert out[1].error.startswith(error) and out[1].score is None and out[1].raw is None
     assert KEY not in out[1].model_dump_json()
     assert kinds(server) == {"ok": 2, fault: 3}  # max_retries + 1 tries; a fault is not re-asked as a parse error
-    cached = [line for line in judge.cache.path.read_text().splitlines() if line]
-    assert len(judge.cache) == len(cached) == 2  # only the replies that parsed
+    import sqlite3
+
+    with sqlite3.connect(judge.cache.path) as db:  # what another process reads from disk
+        on_disk = db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+    assert len(judge.cache) == on_disk == 2  # only the replies that parsed
 
     server.fault = None  # the server recovers: a second run asks only for the failed judgment
     again = judge_for(server, "judge.max_retries=2").score(PROMPT, CANDS)

@@ -79,6 +79,7 @@ def test_malformed_json_is_reasked_then_recorded_with_raw_text(server):
     # A and B parsed from the second reply; C's 9 is off the 6-point scale: failed, raw kept.
     assert [(j.outcome, j.score) for j in out] == [("scored", 5.0), ("scored", 2.0), ("failed", None)]
     assert out[2].raw == '{"A_score": 5, "B_score": 2, "C_score": 9}' and "C" in out[2].error
+    assert out[0].raw == out[2].raw and out[1].raw is None  # the reply once, plus where it explains a failure
     assert sum(j.requests for j in out) == 2
 
 
