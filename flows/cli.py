@@ -160,15 +160,16 @@ def print_status(run: RunDir) -> None:
     decisions = decisions_text(headlines(run))
     if decisions:
         print(decisions)
-    if run.promoted_path.is_file():
-        promoted = json.loads(run.promoted_path.read_text())
-        print(f"  promoted: iter_{promoted['iteration']:03d} ({promoted['policy']}); the next iteration trains from "
-              f"{_next_parent(run)}")
+    if rows:
+        promoted = json.loads(run.promoted_path.read_text()) if run.promoted_path.is_file() else None
+        shown = f"iter_{promoted['iteration']:03d} ({promoted['policy']})" if promoted else "none yet (π_0)"
+        print(f"  promoted: {shown}; the next iteration trains from {_next_parent(run)}")
 
 
 def _next_parent(run: RunDir) -> str:
-    parent = run.parent_of_next(run.config().train.parent)
-    return f"{parent.path.name} (train.parent {run.config().train.parent})" if parent else "π_0"
+    rule = run.config().train.parent
+    parent = run.parent_of_next(rule)
+    return f"{parent.path.name if parent else 'π_0'} (train.parent {rule})"
 
 
 def _find_run(args) -> RunDir:

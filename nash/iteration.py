@@ -26,7 +26,7 @@ from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
 from nash.errors import UserError
 from nash.judges import build_judge, close_judge
-from nash.judging import OUTCOMES, judge_samples, outcome_counts
+from nash.judging import OUTCOMES, judge_samples
 from nash.policy import resolve_policy
 from nash.precision import for_config as precision_for
 from nash.preflight import eval_prompts, load_run_prompts
@@ -36,6 +36,10 @@ from nash.records import (
     Pair,
     Prompt,
     Sample,
+    grouped,
+    iter_jsonl,
+    prompt_blocks,
+    read_block,
     read_jsonl,
     replace_durably,
     temporary_name,
@@ -50,11 +54,18 @@ log = logging.getLogger("nash")
 STAGES = ("sample", "judge", "select_pairs", "train", "evaluate")
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dict | None]) -> str:
     if stage_complete(it, name):
         return str(output)
     stages = it.manifest().get("stages", {})
-    start = time.time()
+    start, cpu0 = time.time(), _cpu_seconds()
     try:
         info = work() or {}
     except BaseException as e:
@@ -63,7 +74,9 @@ def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dic
                            traceback=traceback.format_exc(limit=5))
         raise
     stages = it.manifest().get("stages", {})
-    stages[name] = {"status": "complete", "seconds": round(time.time() - start, 2), **info}
+    # CPU of this process and of the children it reaped meanwhile (the training worker, vLLM engines).
+    stages[name] = {"status": "complete", "seconds": round(time.time() - start, 2),
+                    "cpu_seconds": round(_cpu_seconds() - cpu0, 2), "started_at": start, **info}
     it.update_manifest(stages=stages)
     return str(output)
 
@@ -104,7 +117,7 @@ def prepare(run_dir: str) -> str:
     parent = run.parent_of_next(cfg.train.parent)
     parent_policy = str(parent.policy) if parent else resolve_policy(cfg.policy.model)
     last = run.last_complete()
-    if last is not None and parent != last:
+    if last is not None and (parent is None or parent.index != last.index):
         log.info("iter_%03d trains from %s, the promoted policy (train.parent promoted): %s was not promoted",
                  it.index, parent.path.name if parent else "π_0", last.path.name)
     it.path.mkdir(parents=True, exist_ok=True)
@@ -152,16 +165,25 @@ def _sample_one_shard(it: IterationDir, k: int, sampler, progress: Progress | No
     params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             seed=seed)
     completions = sampler.generate([p.text for p in parts], params, progress) if parts else []
-    samples = []
-    for p, cs in zip(parts, completions):
-        samples += [Sample(prompt_id=p.id, candidate=j, prompt=p.text, response=c.text,
-                           num_tokens=c.num_tokens, policy=f"iter_{it.index - 1:03d}") for j, c in enumerate(cs)]
-        if (s.include_reference or cfg.pairs.rule == "spin") and p.reference:
-            samples.append(Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
-                                  num_tokens=sampler.count_tokens(p.reference), policy="reference"))
+
+    def samples():  # made as they are written: 600k Sample objects would be gigabytes
+        for p, cs in zip(parts, completions):
+            yield from (Sample(prompt_id=p.id, candidate=j, prompt=p.text, response=c.text, num_tokens=c.num_tokens,
+                               policy=f"iter_{it.index - 1:03d}") for j, c in enumerate(cs))
+            if (s.include_reference or cfg.pairs.rule == "spin") and p.reference:
+                yield Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
+                             num_tokens=sampler.count_tokens(p.reference), policy="reference")
+
     out, done = shard_paths(it, k)
-    write_jsonl(out, samples)
-    write_json(done, {"shard": k, "prompts": len(parts), "samples": len(samples), "host": socket.gethostname(),
+    written = [0]
+
+    def counted():
+        for x in samples():
+            written[0] += 1
+            yield x
+
+    write_jsonl(out, counted())
+    write_json(done, {"shard": k, "prompts": len(parts), "samples": written[0], "host": socket.gethostname(),
                       "pid": os.getpid(), "finished_at": now(), "seconds": round(time.time() - t0, 2), "sampling": dict(getattr(sampler, "info", {}) or {})})
 
 
@@ -213,12 +235,13 @@ def sample(iter_dir: str, progress: Progress | None = None) -> str:
                 with open(out, "rb") as f:
                     shutil.copyfileobj(f, joined)
         replace_durably(tmp, it.samples)
-        samples = read_jsonl(it.samples, Sample)
-        total = len(samples)
+        total = tokens = 0
+        for x in iter_jsonl(it.samples, Sample):  # a stream: the file may hold 600k candidates
+            total, tokens = total + 1, tokens + x.num_tokens
         info = summarize_shards(markers)
         if info:
             it.update_manifest(sampling=info)
-        return {"candidates": total, "mean_tokens": round(sum(x.num_tokens for x in samples) / max(1, total), 1),
+        return {"candidates": total, "mean_tokens": round(tokens / max(1, total), 1),
                 "backend": cfg.sampling.backend, "shards": cfg.sampling.shards,
                 "hosts": sorted({m["host"] for m in markers}),
                 **{k: info[k] for k in (*THROUGHPUT, "reused_batches") if k in info}}
@@ -252,17 +275,16 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
         parts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
         judge_ = build_judge(cfg.judge, it.manifest()["parent_policy"]["path"], it.precision(), cfg.sampling,
                              it.path / "judge_server")
-        try:
-            judgments, info = judge_samples(judge_, parts, read_jsonl(it.samples, Sample), it.judgments, progress)
+        try:  # samples.jsonl is read as a stream, prompt by prompt; judgments are counted, not kept
+            _, info = judge_samples(judge_, parts, it.samples, it.judgments, progress, keep=False)
         finally:
             close_judge(judge_)
-        counts = outcome_counts(judgments)
-        it.update_manifest(judge_outcomes=counts, judge_stop=info)
-        if judgments and counts["failed"] == len(judgments):
-            first = next(j.error for j in judgments if j.error)
-            raise RuntimeError(f"every one of {len(judgments)} judgments failed (kept in {it.judgments}; the same "
-                               f"command asks them again); the first: {first}")
-        return {**counts, **info}
+        counts, stop = info["counts"], {k: info[k] for k in ("unjudged_prompts", "budget_stop")}
+        it.update_manifest(judge_outcomes=counts, judge_stop=stop)
+        if info["records"] and counts["failed"] == info["records"]:
+            raise RuntimeError(f"every one of {info['records']} judgments failed (kept in {it.judgments}; the same "
+                               f"command asks them again); the first: {info['first_error']}")
+        return {**counts, **stop}
 
     return _run_stage(it, "judge", it.judgments, work)
 
@@ -296,13 +318,16 @@ def select(iter_dir: str) -> str:
 
     def work():
         p = cfg.pairs
-        samples = read_jsonl(it.samples, Sample)
+        # Prompt by prompt from both files: samples in their order, each prompt's judgments by offset.
+        samples = grouped(iter_jsonl(it.samples, Sample), it.samples)
         if p.rule == "spin":
-            fresh, stats = pair_rules.spin_pairs(samples, p.per_prompt, it.index)
+            fresh, stats = pair_rules.spin_grouped(samples, p.per_prompt, it.index)
         else:
-            fresh, stats = pair_rules.select_pairs(
-                samples, read_jsonl(it.judgments, Judgment), p.min_chosen_score, p.min_margin, p.per_prompt,
-                p.rule, p.teacher_margin, it.index)
+            blocks = prompt_blocks(it.judgments)
+            groups = ((pid, group, read_block(it.judgments, blocks[pid], Judgment) if pid in blocks else [])
+                      for pid, group in samples)
+            fresh, stats = pair_rules.select_grouped(groups, p.min_chosen_score, p.min_margin, p.per_prompt,
+                                                     p.rule, p.teacher_margin, it.index)
         if p.length_guard.action == "drop":
             fresh = pair_rules.length_guard(fresh, p.length_guard.max_ratio, stats)
         earlier = []  # lag 1, 2, ...: the iterations this one descends from, never rolled-back ones

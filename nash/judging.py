@@ -19,9 +19,10 @@ prompts left are counted, not recorded (for a chunked judge, the chunk it ran ou
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 from pathlib import Path
@@ -29,32 +30,89 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nash.judges.base import BudgetExhausted, Judge
-from nash.records import USAGE, Judgment, Prompt, Sample, append_jsonl, read_jsonl, repair_jsonl, write_jsonl
+from nash.records import (
+    USAGE,
+    Judgment,
+    Prompt,
+    Sample,
+    append_jsonl,
+    grouped,
+    iter_jsonl,
+    read_lines,
+    repair_jsonl,
+    replace_durably,
+    temporary_name,
+)
 from nash.supervisor import Progress
 
 OUTCOMES = ("scored", "preferred", "tie", "failed")  # the outcomes of Judgment records, counted
 
 
+class Tally:
+    """Outcome counts, usage and the first error of judgments, added up as they pass."""
+
+    def __init__(self):
+        self.counts = dict.fromkeys(OUTCOMES, 0) | dict.fromkeys(USAGE, 0)
+        self.records, self.first_error = 0, None
+
+    def add(self, judgments: Iterable[Judgment]) -> None:
+        for j in judgments:
+            self.records += 1
+            self.counts[j.outcome] += 1
+            for key in USAGE:
+                self.counts[key] += getattr(j, key)
+            if self.first_error is None and j.error:
+                self.first_error = j.error
+
+    def summary(self) -> dict:
+        return {**self.counts, "cost_usd": round(self.counts["cost_usd"], 6)}
+
+
 def judge_samples(
     judge: Judge,
     prompts: dict[str, Prompt],
-    samples: list[Sample],
+    samples: list[Sample] | Path,
     out_path: Path,
     progress: Progress | None = None,
+    keep: bool = True,
 ) -> tuple[list[Judgment], dict]:
-    """Judge every prompt without a complete record; return all judgments and stage info."""
-    by_prompt: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_prompt[s.prompt_id].append(s)
-    done = _complete_groups(out_path, by_prompt)
-    seen = Counter(j.prompt_id for j in done)
-    todo = [pid for pid, group in by_prompt.items() if seen[pid] < len(group)]
-    for pid in todo:
-        if pid not in prompts:
-            raise KeyError(f"{out_path}: sample for unknown prompt id {pid!r}")
+    """Judge every prompt without a complete record; return the judgments (all of them, with `keep`)
+    and stage info: `counts` (every record's outcomes and usage), `records`, `first_error`,
+    `unjudged_prompts`, `budget_stop`.
+
+    `samples`: a list, or the path of a samples file, which is read as a stream, prompt by
+    prompt; with `keep=False` too, nothing held grows with the number of candidates.
+    """
+    if isinstance(samples, Path):
+        expected = _expected(samples)
+        source = samples
+
+        def stream():
+            return iter_jsonl(source, Sample)
+    else:
+        expected = defaultdict(set)
+        for s in samples:
+            expected[s.prompt_id].add(s.candidate)
+        rows = samples
+
+        def stream():
+            return iter(rows)
+    done: list[Judgment] = []
+    tally = Tally()
+    judged = _judged(out_path, expected, tally, done if keep else None)
     lock = threading.Lock()
-    bar = tqdm(total=len(todo), desc="judging", unit="prompt", leave=False)
-    groups = {pid: sorted(by_prompt[pid], key=lambda s: s.candidate) for pid in todo}
+    todo = sum(1 for pid, c in expected.items() if not c <= judged.get(pid, set()))
+    bar = tqdm(total=todo, desc="judging", unit="prompt", leave=False)
+    groups: dict[str, list[Sample]] = {}
+
+    def pending() -> Iterator[str]:
+        for pid, group in grouped(stream(), samples if isinstance(samples, Path) else "samples"):
+            if expected[pid] <= judged.get(pid, set()):
+                continue
+            if pid not in prompts:
+                raise KeyError(f"{out_path}: sample for unknown prompt id {pid!r}")
+            groups[pid] = sorted(group, key=lambda s: s.candidate)
+            yield pid
 
     def record(chunk: list[str], per_prompt: list[list[Judgment]]) -> None:
         results = []
@@ -64,29 +122,33 @@ def judge_samples(
             results += js
         with lock:
             append_jsonl(out_path, results)
-            done.extend(results)
+            tally.add(results)
+            if keep:
+                done.extend(results)
+            for pid in chunk:
+                judged[pid] = {s.candidate for s in groups.pop(pid)}
             bar.update(len(chunk))
             if progress:
-                progress(bar.n, len(todo))
+                progress(bar.n, todo)
 
     def items(chunk: list[str]) -> list[tuple[Prompt, list[str]]]:
         return [(prompts[pid], [s.response for s in groups[pid]]) for pid in chunk]
 
     stopped = None
     limits = batch_limits(judge)
+    queue = pending()
     if limits:  # one chunk at a time, each batched in the judge
-        for chunk in chunks(todo, [len(groups[pid]) for pid in todo], limits):
+        for chunk in chunks(((pid, len(groups[pid])) for pid in queue), limits):
             try:
                 record(chunk, judge.score_batch(items(chunk)))
             except BudgetExhausted as e:
                 stopped = str(e)
                 break
-    else:  # prompt by prompt, `concurrency` at a time
+    else:  # prompt by prompt, `concurrency` at a time; only the prompts in flight are held
         def judge_one(pid: str) -> None:
             ((prompt, candidates),) = items([pid])
             record([pid], [judge.score(prompt, candidates)])
 
-        queue = iter(todo)
         workers = max(1, getattr(judge, "concurrency", 1))
         with ThreadPoolExecutor(workers) as pool:
             running = {pool.submit(judge_one, pid) for pid in islice(queue, workers)}
@@ -100,9 +162,54 @@ def judge_samples(
                 if stopped is None:
                     running |= {pool.submit(judge_one, pid) for pid in islice(queue, len(finished))}
     bar.close()
-    judged = {j.prompt_id for j in done}
-    info = {"unjudged_prompts": sum(pid not in judged for pid in by_prompt), "budget_stop": stopped}
+    unjudged = sum(1 for pid, c in expected.items() if not c <= judged.get(pid, set()))
+    info = {"unjudged_prompts": unjudged, "budget_stop": stopped, "counts": tally.summary(),
+            "records": tally.records, "first_error": tally.first_error}
     return done, info
+
+
+def _expected(path: Path) -> dict[str, set[int]]:
+    """Each prompt's candidate numbers in a samples file, read lightly (two fields a line)."""
+    out: dict[str, set[int]] = defaultdict(set)
+    for _, line in read_lines(path):
+        if line.strip():
+            row = json.loads(line)
+            out[row["prompt_id"]].add(row["candidate"])
+    return out
+
+
+def _judged(out_path: Path, expected: dict[str, set[int]], tally: Tally,
+            keep: list[Judgment] | None) -> dict[str, set[int]]:
+    """The candidates already judged, per prompt, from the records on disk (read as a stream).
+
+    The first record of each (prompt, candidate) counts; a prompt not judged in full (a kill
+    in the middle of its block of lines) is judged again, and the file is rewritten without
+    its records (and without duplicates, which nash never writes).
+    """
+    if not out_path.is_file():
+        return {}
+    repair_jsonl(out_path, Judgment)
+    have: dict[str, set[int]] = defaultdict(set)
+    extra = 0
+    for j in iter_jsonl(out_path, Judgment):
+        if j.candidate in have[j.prompt_id]:
+            extra += 1
+        have[j.prompt_id].add(j.candidate)
+    whole = {pid for pid, got in have.items() if expected.get(pid, set()) <= got}
+    if extra or len(whole) != len(have):
+        tmp = temporary_name(out_path)
+        seen: set[tuple[str, int]] = set()
+        with open(tmp, "w", encoding="utf-8") as f:
+            for j in iter_jsonl(out_path, Judgment):
+                if j.prompt_id in whole and (j.prompt_id, j.candidate) not in seen:
+                    seen.add((j.prompt_id, j.candidate))
+                    f.write(j.model_dump_json() + "\n")
+        replace_durably(tmp, out_path)
+    for j in iter_jsonl(out_path, Judgment):
+        tally.add([j])
+        if keep is not None:
+            keep.append(j)
+    return {pid: have[pid] for pid in whole}
 
 
 def batch_limits(judge) -> list[tuple[int, Callable[[int], int]]]:
@@ -127,13 +234,11 @@ def batch_limits(judge) -> list[tuple[int, Callable[[int], int]]]:
             if getattr(p, "batch_requests", None) and hasattr(p, "prompt_requests")]
 
 
-def chunks(pids: list[str], sizes: list[int], limits: list[tuple[int, Callable[[int], int]]]) -> Iterator[list[str]]:
-    """`pids` in order, in chunks of at least one prompt that hold at most each limit's requests.
-
-    `sizes`: candidates per prompt; `limits`: as `batch_limits` gives them.
-    """
+def chunks(pids: Iterable[tuple[str, int]], limits: list[tuple[int, Callable[[int], int]]]) -> Iterator[list[str]]:
+    """(prompt id, candidates) in order, in chunks of at least one prompt that hold at most each limit's
+    requests. `limits`: as `batch_limits` gives them."""
     chunk, used = [], [0] * len(limits)
-    for pid, k in zip(pids, sizes):
+    for pid, k in pids:
         need = [f(k) for _, f in limits]
         if chunk and any(u + n > cap for u, n, (cap, _) in zip(used, need, limits)):
             yield chunk
@@ -142,25 +247,6 @@ def chunks(pids: list[str], sizes: list[int], limits: list[tuple[int, Callable[[
         used = [u + n for u, n in zip(used, need)]
     if chunk:
         yield chunk
-
-
-def _complete_groups(out_path: Path, by_prompt: dict[str, list[Sample]]) -> list[Judgment]:
-    """The records of prompts judged in full, once each; the file is rewritten if it held anything else."""
-    if not out_path.is_file():
-        return []
-    repair_jsonl(out_path, Judgment)
-    records = read_jsonl(out_path, Judgment)
-    first: dict[tuple[str, int | None], Judgment] = {}
-    for j in records:
-        first.setdefault((j.prompt_id, j.candidate), j)
-    have: dict[str, set] = defaultdict(set)
-    for pid, candidate in first:
-        have[pid].add(candidate)
-    whole = {pid for pid, got in have.items() if {s.candidate for s in by_prompt.get(pid, [])} <= got}
-    keep = [j for j in first.values() if j.prompt_id in whole]
-    if len(keep) != len(records):
-        write_jsonl(out_path, keep)
-    return keep
 
 
 def outcome_counts(judgments: list[Judgment]) -> dict:

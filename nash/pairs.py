@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nash.records import Judgment, Pair, Sample
+from nash.records import Judgment, Pair, Sample, grouped
 
 TEACHER = "reference"  # Sample.policy of a gold answer that joined the candidates
 
@@ -79,27 +80,47 @@ def select_pairs(
     teacher_margin: float | None = None,
     iteration: int | None = None,
 ) -> tuple[list[Pair], PairStats]:
-    """Judged pairs by the `dno` or `max_min` rule."""
-    by_key = {(s.prompt_id, s.candidate): s for s in samples}
-    scores: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    stats = PairStats()
+    """Judged pairs by the `dno` or `max_min` rule, from lists in memory."""
+    by_prompt: dict[str, list[Judgment]] = defaultdict(list)
     for j in judgments:
-        if j.outcome == "scored" and j.score is not None:
-            scores[j.prompt_id].append((j.candidate, j.score))
-        else:
-            stats.failed_candidates += 1
+        by_prompt[j.prompt_id].append(j)
+    own: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        own[s.prompt_id].append(s)
+    groups = ((pid, group, by_prompt.get(pid, [])) for pid, group in own.items())
+    return select_grouped(groups, min_chosen_score, min_margin, per_prompt, rule, teacher_margin, iteration)
+
+
+def select_grouped(
+    groups: Iterable[tuple[str, list[Sample], list[Judgment]]],
+    min_chosen_score: float,
+    min_margin: float,
+    per_prompt: str = "best",
+    rule: str = "dno",
+    teacher_margin: float | None = None,
+    iteration: int | None = None,
+) -> tuple[list[Pair], PairStats]:
+    """Judged pairs by the `dno` or `max_min` rule, prompt by prompt: (prompt id, its samples, its
+    judgments) at a time, so that only the pairs kept are held."""
+    stats = PairStats()
     reasons: dict[str, int] = defaultdict(int)
     pairs = []
-    for pid in dict.fromkeys(s.prompt_id for s in samples):
+    for pid, samples, judgments in groups:
         stats.prompts += 1
-        scored = scores.get(pid, [])
+        by_candidate = {s.candidate: s for s in samples}
+        scored = []
+        for j in judgments:
+            if j.outcome == "scored" and j.score is not None:
+                scored.append((j.candidate, j.score))
+            else:
+                stats.failed_candidates += 1
         if len(scored) < 2:
             reasons["fewer than 2 scored candidates"] += 1
             continue
         if rule == "max_min":
             chosen = _max_min_pairs(scored)
         else:
-            teacher = {c for c, _ in scored if by_key[(pid, c)].policy == TEACHER}
+            teacher = {c for c, _ in scored if by_candidate[c].policy == TEACHER}
             chosen = _dno_pairs(scored, teacher, min_chosen_score, min_margin,
                                 teacher_margin if teacher_margin is not None else min_margin, per_prompt)
         if not chosen:
@@ -107,35 +128,44 @@ def select_pairs(
             continue
         stats.prompts_with_pairs += 1
         score_of = dict(scored)
-        pairs += [_pair(by_key[(pid, ci)], by_key[(pid, ri)], score_of[ci], score_of[ri], iteration)
+        pairs += [_pair(by_candidate[ci], by_candidate[ri], score_of[ci], score_of[ri], iteration)
                   for ci, ri in chosen]
     stats.drop_reasons = dict(reasons)
     return pairs, _count(stats, pairs)
 
 
-def spin_pairs(samples: list[Sample], per_prompt: str = "best",
+def spin_pairs(samples: Iterable[Sample], per_prompt: str = "best",
                iteration: int | None = None) -> tuple[list[Pair], PairStats]:
     """SPIN: each prompt's gold answer chosen over the policy's samples (`best`: the first sample only)."""
-    gold: dict[str, Sample] = {}
+    groups = _by_prompt(samples) if isinstance(samples, list) else grouped(samples)
+    return spin_grouped(groups, per_prompt, iteration)
+
+
+def _by_prompt(samples: list[Sample]):
     own: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
-        if s.policy == TEACHER:
-            gold[s.prompt_id] = s
-        else:
-            own[s.prompt_id].append(s)
+        own[s.prompt_id].append(s)
+    return own.items()
+
+
+def spin_grouped(groups: Iterable[tuple[str, list[Sample]]], per_prompt: str = "best",
+                 iteration: int | None = None) -> tuple[list[Pair], PairStats]:
     stats, reasons, pairs = PairStats(), defaultdict(int), []
-    for pid, mine in own.items():
+    for pid, group in groups:
+        gold = next((s for s in group if s.policy == TEACHER), None)
+        mine = [s for s in group if s.policy != TEACHER]
+        if not mine:
+            continue
         stats.prompts += 1
-        if pid not in gold:
+        if gold is None:
             reasons["no reference answer"] += 1
             continue
-        teacher = gold[pid]
-        rejected = [s for s in sorted(mine, key=lambda s: s.candidate) if s.response.strip() != teacher.response.strip()]
+        rejected = [s for s in sorted(mine, key=lambda s: s.candidate) if s.response.strip() != gold.response.strip()]
         if not rejected:
             reasons["sample equals reference"] += 1
             continue
         stats.prompts_with_pairs += 1
-        pairs += [_pair(teacher, s, None, None, iteration) for s in rejected[: 1 if per_prompt == "best" else None]]
+        pairs += [_pair(gold, s, None, None, iteration) for s in rejected[: 1 if per_prompt == "best" else None]]
     stats.drop_reasons = dict(reasons)
     return pairs, _count(stats, pairs)
 

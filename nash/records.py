@@ -132,17 +132,66 @@ def read_lines(path: str | os.PathLike, key: str | None = None) -> Iterator[tupl
 
 
 def read_jsonl(path: str | os.PathLike, record: type[R]) -> list[R]:
-    out = []
+    return list(iter_jsonl(path, record))
+
+
+def iter_jsonl(path: str | os.PathLike, record: type[R]) -> Iterator[R]:
+    """The records of a JSONL file, one at a time: memory does not grow with the file."""
     for where, line in read_lines(path):
         if not line.strip():
             continue
         try:
-            out.append(record.model_validate_json(line))
+            yield record.model_validate_json(line)
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"]) or "<line>"
             raise RecordError(f"{where}: {loc}: {err['msg']}") from None
-    return out
+
+
+def prompt_blocks(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Where each prompt's records lie in a JSONL file written prompt by prompt: {prompt id: (start,
+    end)} byte offsets, read in one pass that keeps only the offsets."""
+    blocks: dict[str, tuple[int, int]] = {}
+    pid, start, pos = None, 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                this = json.loads(line)["prompt_id"]
+                if this != pid:
+                    if pid is not None:
+                        blocks[pid] = (start, pos)
+                    if this in blocks:
+                        raise RecordError(f"{path}: the records of prompt {this!r} are not contiguous")
+                    pid, start = this, pos
+            pos += len(line)
+    if pid is not None:
+        blocks[pid] = (start, pos)
+    return blocks
+
+
+def read_block(path: str | os.PathLike, span: tuple[int, int], record: type[R]) -> list[R]:
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        data = f.read(span[1] - span[0])
+    return [record.model_validate_json(line) for line in data.splitlines() if line.strip()]
+
+
+def grouped(records: Iterable[R], path: str | os.PathLike = "<records>") -> Iterator[tuple[str, list[R]]]:
+    """(prompt_id, its records) for records that come prompt by prompt, as nash writes samples and
+    judgments; a prompt whose records are not contiguous is an error, not a silent split."""
+    seen: set[str] = set()
+    pid, group = None, []
+    for r in records:
+        if r.prompt_id != pid:
+            if group:
+                yield pid, group
+            if r.prompt_id in seen:
+                raise RecordError(f"{path}: the records of prompt {r.prompt_id!r} are not contiguous")
+            seen.add(r.prompt_id)
+            pid, group = r.prompt_id, []
+        group.append(r)
+    if group:
+        yield pid, group
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -194,28 +243,42 @@ def repair_jsonl(path: str | os.PathLike, record: type[Record] | None = None) ->
     path = Path(path)
     if not path.is_file():
         return 0
-    data = path.read_bytes()
-    if not data:
+    size = path.stat().st_size
+    if not size:
         return 0
-    keep = len(data)
+    # Only the tail is read: the file may hold hundreds of megabytes of judgments.
+    tail = 1 << 16
+    while True:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - tail))
+            data = f.read()
+        base = size - len(data)
+        inner = data[:-1] if data.endswith(b"\n") else data
+        if b"\n" in inner or base == 0:
+            break
+        tail *= 4
     if not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
+        keep = base + data.rfind(b"\n") + 1
     else:
         start = data.rfind(b"\n", 0, len(data) - 1) + 1
         line = data[start:].decode("utf-8", errors="replace")
+        keep = size
         try:
             record.model_validate_json(line) if record else json.loads(line)
         except (ValidationError, ValueError):
-            keep = start
-    if keep == len(data):
+            keep = base + start
+    if keep == size:
         return 0
     with open(path, "rb+") as f:
         f.truncate(keep)
         os.fsync(f.fileno())
-    lineno = data[:keep].count(b"\n") + 1
+    lineno = 1
+    with open(path, "rb") as f:  # counted in blocks, never read whole
+        while block := f.read(min(1 << 20, keep - f.tell())):
+            lineno += block.count(b"\n")
     log.warning("%s: line %d was cut short by an interrupted write (%d bytes); dropped it", path, lineno,
-                len(data) - keep)
-    return len(data) - keep
+                size - keep)
+    return size - keep
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -98,7 +98,7 @@ def test_a_tie_within_the_margin_is_refused(trained):
     assert m["promotion"]["reason"].startswith("refused: not better than iter_000 with 90% confidence")
 
 
-def test_the_decision_is_recorded_and_a_refused_iteration_is_not_the_next_parent(trained, capsys):
+def test_the_decision_is_recorded_and_a_refused_iteration_is_not_the_next_parent(trained, capsys, caplog):
     run, it = trained
     _evaluate_with(it, set(range(N_EVAL)), set(range(0, 60, 2)), stage=iteration.evaluate)  # a regression
     iteration.finalize(str(it.path))
@@ -111,10 +111,15 @@ def test_the_decision_is_recorded_and_a_refused_iteration_is_not_the_next_parent
     from nash.flows.cli import print_status
 
     print_status(run)
-    assert "iter_001 refused: worse than iter_000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "iter_001 refused: worse than iter_000" in out
+    assert "promoted: none yet (π_0); the next iteration trains from π_0 (train.parent promoted)" in out
 
     # train.parent promoted (the default): the next iteration trains from π_0, not from the regression.
+    caplog.set_level("INFO", logger="nash")
     nxt = iteration.prepare(str(run.path))
+    assert "iter_002 trains from π_0, the promoted policy (train.parent promoted): iter_001 was not promoted" \
+        in caplog.text
     parent = json.loads((run.path / "iter_002" / "manifest.json").read_text())["parent_policy"]
     assert parent["iteration"] == 0 and parent["rule"] == "promoted" and nxt.endswith("iter_002")
     assert run.parent_of_next("last").index == 1  # DNO's rule would have taken it

@@ -35,13 +35,13 @@ def _calls(obj, name: str) -> list:
 
 def test_chunks_hold_about_batch_requests_and_at_least_one_prompt():
     pids = list("abcde")
-    assert list(chunks(pids, [4] * 5, [(16, lambda k: k)])) == [list("abcd"), ["e"]]
-    assert list(chunks(pids, [4] * 5, [(16, lambda k: k * (k - 1))])) == [["a"], ["b"], ["c"], ["d"], ["e"]]
-    assert list(chunks(pids, [4] * 5, [(2, lambda k: k)])) == [[p] for p in pids]  # a prompt over the limit: alone
-    assert list(chunks(pids, [1, 1, 6, 1, 1], [(8, lambda k: k)])) == [list("abc"), list("de")]
+    assert list(chunks(zip(pids, [4] * 5), [(16, lambda k: k)])) == [list("abcd"), ["e"]]
+    assert list(chunks(zip(pids, [4] * 5), [(16, lambda k: k * (k - 1))])) == [["a"], ["b"], ["c"], ["d"], ["e"]]
+    assert list(chunks(zip(pids, [4] * 5), [(2, lambda k: k)])) == [[p] for p in pids]  # a prompt over the limit: alone
+    assert list(chunks(zip(pids, [1, 1, 6, 1, 1]), [(8, lambda k: k)])) == [list("abc"), list("de")]
     # every limit holds: quality (k + 1 of 12) and a local LM (k of 16)
-    assert list(chunks(pids, [4] * 5, [(12, lambda k: k + 1), (16, lambda k: k)])) == [list("ab"), list("cd"), ["e"]]
-    assert list(chunks([], [], [(16, lambda k: k)])) == []
+    assert list(chunks(zip(pids, [4] * 5), [(12, lambda k: k + 1), (16, lambda k: k)])) == [list("ab"), list("cd"), ["e"]]
+    assert list(chunks(zip([], []), [(16, lambda k: k)])) == []
 
 
 def test_only_local_judges_are_chunked(tiny_model_dir, tmp_path, monkeypatch):
@@ -70,7 +70,8 @@ def test_local_judge_batches_requests_of_several_prompts(tiny_model_dir, tmp_pat
     assert [sorted({pid for m in r for pid, p in PROMPTS.items() if p.text in m[-1]["content"]}) for r in requests] \
         == [["p0", "p1"], ["p2", "p3"], ["p4"]]
     assert len(writes) == 3 and progress == [(2, 5), (4, 5), (5, 5)]
-    assert info == {"unjudged_prompts": 0, "budget_stop": None}
+    assert info["unjudged_prompts"] == 0 and info["budget_stop"] is None
+    assert info["records"] == len(SAMPLES) and info["counts"]["scored"] == len(SAMPLES)
     on_disk = read_jsonl(tmp_path / "j.jsonl", Judgment)
     assert [(j.prompt_id, j.candidate) for j in on_disk] == [(s.prompt_id, s.candidate) for s in SAMPLES]
     one_by_one = [j for pid in PROMPTS for j in judge.score(PROMPTS[pid], [s.response for s in SAMPLES
@@ -108,6 +109,25 @@ def test_judge_samples_resumes_after_a_kill_in_the_second_chunk(tiny_model_dir, 
     straight, _ = judge_samples(_self_judge(tiny_model_dir, "judge.batch_size=8"), PROMPTS, SAMPLES, tmp_path / "s.jsonl")
     assert {(j.prompt_id, j.candidate): j.score for j in on_disk} == \
            pytest.approx({(j.prompt_id, j.candidate): j.score for j in straight}, abs=1e-5)
+
+
+def test_judging_from_a_samples_file_keeps_nothing_and_counts_everything(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NASH_CACHE", str(tmp_path))
+    from nash.records import write_jsonl
+
+    path = write_jsonl(tmp_path / "samples.jsonl", SAMPLES)
+    out = tmp_path / "j.jsonl"
+    judge = _self_judge(tiny_model_dir, "judge.batch_size=8")
+    kept, info = judge_samples(judge, PROMPTS, path, out, keep=False)
+    assert kept == [] and info["records"] == len(SAMPLES) and info["unjudged_prompts"] == 0
+    # A kill in the middle of the last prompt's block of lines: that prompt alone is judged again.
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-2]))
+    asked = _calls(judge, "score_batch")
+    _, again = judge_samples(judge, PROMPTS, path, out, keep=False)
+    assert [[p.id for p, _ in items] for items in asked] == [["p4"]]
+    assert again["records"] == len(SAMPLES) == len(read_jsonl(out, Judgment))
+    assert again["counts"] == info["counts"] | {"cached": again["counts"]["cached"]}
 
 
 def test_budget_stops_chunked_judging_after_the_chunk_that_spent_it(tiny_model_dir, tmp_path, monkeypatch):

@@ -80,7 +80,9 @@ def test_dno_gpt4_alpaca_eval_recipe_against_a_loopback_server(tmp_path):
     metrics = json.loads(it.metrics.read_text())
     result = metrics["win_rate"]
     assert result["n"] + result["failed"] == 16 and result["lc_glm"] == "length_controlled_minimal"
-    assert len(annotation_requests) == 16  # one request per instruction
+    # One request per instruction: against the reference outputs, then head to head with π_0 (eval.gate).
+    assert len(annotation_requests) == 16 * 2
+    assert metrics["versus_promoted"]["against"] == "iter_000" and metrics["promotion"]["reason"]
     assert {b["model"] for b in annotation_requests} == {"gpt-4-1106-preview"}
     assert all(b["max_tokens"] == 1 and b["top_logprobs"] == 5 for b in annotation_requests)
     recorded = result["alpaca_eval"]

@@ -86,6 +86,10 @@ def test_repair_drops_only_a_last_line_cut_short(tmp_path, caplog):
     path.write_text(good.model_dump_json() + "\n" + '{"prompt_id": "p"}\n')  # newline, but not a record
     repair_jsonl(path, Sample)
     assert read_jsonl(path, Sample) == [good]
+    long = good.model_copy(update={"response": "x" * 200_000})  # longer than the tail that is read
+    path.write_text(good.model_dump_json() + "\n" * 1 + (good.model_dump_json() + "\n") * 3000
+                    + long.model_dump_json()[:-5])
+    assert repair_jsonl(path, Sample) > 0 and len(read_jsonl(path, Sample)) == 3001
     path.write_text('{"bad": 1}\n' + good.model_dump_json() + "\n")  # not at the end: an error, kept
     assert repair_jsonl(path, Sample) == 0
     with pytest.raises(ValueError, match="samples.jsonl:1"):

@@ -4,6 +4,7 @@ serves the policy (`vllm serve`, SGLang, TGI, llama.cpp)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nash.openai_client import UndecodableReply, create_completion, describe, make_client, read_api_key
-from nash.records import repair_jsonl
+from nash.records import read_lines, repair_jsonl
 from nash.sampling.base import Completion, SamplingParams, TokenCounter, throughput
 from nash.vllm_engine import EngineFailed
 
@@ -56,14 +57,14 @@ class OpenAISampler(TokenCounter):
         return out
 
     def generate(self, prompts, params, progress=None, show_progress=True):
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         done: dict[int, list[Completion]] = {}
         key = {"model": self.model, "base_url": self.cfg.base_url, "n": params.n, "temperature": params.temperature,
                "top_p": params.top_p, "max_tokens": params.max_new_tokens, "seed": params.seed}
         if self.journal and self.journal.is_file():
             repair_jsonl(self.journal)
-            for line in self.journal.read_text(encoding="utf-8").splitlines():
+            for _, line in read_lines(self.journal):  # a stream: a resumed 100k-prompt shard
                 with contextlib.suppress(ValueError, KeyError):  # a line cut short by a crash
                     row = json.loads(line)
                     if row["key"] == key and row["prompt"] == prompts[row["index"]]:
@@ -88,9 +89,14 @@ class OpenAISampler(TokenCounter):
                     if progress:
                         progress(len(done), len(prompts))
 
-            with ThreadPoolExecutor(self.cfg.concurrency) as pool:
-                for fut in [pool.submit(one, i) for i in todo]:
-                    fut.result()
+            with ThreadPoolExecutor(self.cfg.concurrency) as pool:  # a bounded number of prompts in flight
+                queue = iter(todo)
+                running = {pool.submit(one, i) for i in itertools.islice(queue, 2 * self.cfg.concurrency)}
+                while running:
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        fut.result()
+                    running |= {pool.submit(one, i) for i in itertools.islice(queue, len(finished))}
         bar.close()
         seconds = time.perf_counter() - t0
         seqs = len(todo) * params.n
