@@ -39,19 +39,41 @@ def _runs_dir(arg: str | None) -> Path:
 
 def _config(args):
     overrides = list(args.set or [])
-    if args.iterations is not None:
+    if getattr(args, "iterations", None) is not None:
         overrides.append(f"run.iterations={args.iterations}")
     return load_config(args.config, overrides)
 
 
-def _open_run(args, cfg):
-    """The run directory, once everything that can fail before the first paid stage has been checked."""
+def _open_run(args, cfg, plan: bool = False):
+    """The run directory, once everything that can fail before the first paid stage has been checked;
+    with `plan`, the next iteration's plan is printed and its judging cost held against the budget."""
     from nash.preflight import preflight
 
     run = RunDir(_runs_dir(args.runs_dir) / cfg.run.name)
     run.check_config(cfg)
     preflight(cfg, run)
+    if plan:
+        from nash import plan as planning
+
+        p = planning.plan_iteration(cfg, run)
+        print(f"nash: {planning.summary(p)}", file=sys.stderr)
+        note = planning.check_budget(p, getattr(args, "over_budget", False))
+        if note:
+            print(f"nash: {note}", file=sys.stderr)
     return RunDir.create(_runs_dir(args.runs_dir), cfg)
+
+
+def cmd_plan(args) -> int:
+    """What the next iteration of a config will cost, before anything is paid."""
+    from nash import plan as planning
+
+    cfg = _config(args)
+    run = RunDir(_runs_dir(args.runs_dir) / cfg.run.name)
+    if run.config_path.is_file():
+        run.check_config(cfg)
+    p = planning.plan_iteration(cfg, run, args.prompts, args.tokens_per_second)
+    print(planning.to_json(p) if args.json else planning.markdown(p), end="")
+    return 0
 
 
 def _sigterm_as_interrupt() -> None:
@@ -70,7 +92,7 @@ def cmd_run(args) -> int:
     cfg = _config(args)
     # The lock first: a second writer is refused before anything is loaded or converted.
     with run_lock(_runs_dir(args.runs_dir) / cfg.run.name, "nash run"):
-        return _run_locked(cfg, _open_run(args, cfg))
+        return _run_locked(cfg, _open_run(args, cfg, plan=True))
 
 
 def _tie_temporary_server() -> None:
@@ -299,7 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iterations", type=int, help="iterations to run now (default: run.iterations)")
     run.add_argument("--runs-dir", help="parent of run directories (default: ./runs or $NASH_RUNS_DIR)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--over-budget", action="store_true",
+                     help="start even if the plan puts judging over judge.budget_usd (judging stops at the budget)")
     run.set_defaults(func=cmd_run)
+    plan = sub.add_parser("plan", help="what the next iteration of a config will cost")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("--prompts", type=int, help="prompts in the iteration (default: prompts.partition_size)")
+    plan.add_argument("--tokens-per-second", type=float, help="sampling throughput for GPU-hours (default: the "
+                      "run's last measured)")
+    plan.add_argument("--runs-dir")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE")
+    plan.add_argument("--json", action="store_true", help="the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
     serve = sub.add_parser("serve", help="serve scheduled rounds of a config as a Prefect deployment")
     serve.add_argument("config")
     when = serve.add_mutually_exclusive_group(required=True)

@@ -73,6 +73,7 @@ def round_flow(run_dir: str, iterations: int) -> list[str]:
         for _ in range(iterations):
             iter_dir = stages.prepare(run_dir)
             log.info("iteration %s: %s", Path(iter_dir).name, iter_dir)
+            _plan_artifact(run, log)
             try:
                 done.append(iteration_flow.with_options(flow_run_name=f"{run.name}-{Path(iter_dir).name}")(iter_dir))
             except Exception:
@@ -83,6 +84,20 @@ def round_flow(run_dir: str, iterations: int) -> list[str]:
         create_markdown_artifact(summary_markdown(run), key=artifact_key("nash", run.name, "summary"),
                                  description=f"round summary of {run.name}")
     return done
+
+
+def _plan_artifact(run: RunDir, log) -> None:
+    """What the iteration about to run will cost, as a markdown artifact and a log line."""
+    from nash import plan as planning
+
+    try:
+        p = planning.plan_iteration(run.config(), run)
+    except Exception as e:  # an estimate must never stop a round
+        log.warning("no plan for the next iteration: %s: %s", type(e).__name__, e)
+        return
+    log.info("%s", planning.summary(p))
+    create_markdown_artifact(planning.markdown(p), key=artifact_key("nash", run.name, f"iter_{p['iteration']:03d}", "plan"),
+                             description=f"{run.name}: what iter_{p['iteration']:03d} will cost")
 
 
 # One round of a run at a time (iterations are sequential), and a slot that comes due while a

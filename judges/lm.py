@@ -268,6 +268,11 @@ class LMJudge:
         results = self._ask(reqs, lambda text, i: parsers[i](text))
         return [build(prompt, candidates, results[a:b]) for (prompt, candidates), (a, b) in zip(items, spans)]
 
+    def request_texts(self, prompt: Prompt, candidates: list[str]) -> list[str]:
+        """The texts this judge sends for one prompt's candidates (what `nash plan` counts)."""
+        reqs, _ = getattr(self, f"_requests_{self.protocol}")(prompt, candidates)
+        return [text for text, _ in reqs]
+
     def prompt_requests(self, k: int) -> int:
         """Requests one prompt of `k` candidates makes (before re-asks)."""
         return {"pointwise": k * self.cfg.repeats, "batched": 1, "pairwise": k * (k - 1)}[self.protocol]
