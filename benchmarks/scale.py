@@ -59,11 +59,11 @@ class Counting(OpenAIServer):
     def reply(self, prompt: str) -> str:
         if "<id>_score" in prompt:
             ids = re.findall(r"\[Candidate ([A-Z])\]", prompt)
-            key = prompt.split("[Candidates]")[0]
+            key = "q" + re.search(r"Question (\d+):", prompt).group(1)
             with self.lock:
                 self.counts["judge"] += 1
                 self.judged[key] = self.judged.get(key, 0) + 1
-            lucky = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 200 == 0
+            lucky = is_lucky(key)
             scores = {cid: 3 for cid in ids}
             if lucky:
                 scores[ids[0]], scores[ids[1]] = 6, 1
@@ -77,6 +77,11 @@ class Counting(OpenAIServer):
             self.counts["sample_choices"] += 1
         k = next(self._n)
         return f"Answer {k % 97}: " + " ".join(["a plain sentence about the request"] * (1 + k % 5)) + "."
+
+
+def is_lucky(prompt_id: str) -> bool:
+    """The prompts whose first candidate the server scores 6 and second 1: one in 200."""
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16) % 200 == 0
 
 
 class _Discard(list):
