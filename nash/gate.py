@@ -6,9 +6,11 @@ annotator is asked in both orders), whether each answer is a real answer that me
 constraints, and whether each is degenerate. A percentile bootstrap over the prompts gives each
 mean difference a confidence interval (`eval.gate.confidence`, two-sided).
 
-The decision (`decide`): promote when no figure is worse, none could be worse by more than
-`eval.gate.margin` (its interval's lower end), and at least one is better with that confidence
-(its lower end above 0). A tie is refused: the promoted policy stays until something beats it.
+The decision (`decide`): promote when no figure could be worse by more than `eval.gate.margin`
+(its interval's lower end above -margin: non-inferiority) and at least one is better with that
+confidence (its lower end above 0). A tie is refused: the promoted policy stays until something
+beats it. The margin must not be smaller than the intervals' half-width at the held-out size,
+or nothing can be shown non-inferior; each interval's `mde` says how wide that is.
 """
 
 from __future__ import annotations
@@ -87,29 +89,28 @@ def decide(comparisons: dict[str, dict], against: str, margin: float, confidence
     measured = {m: c for m, c in comparisons.items() if c["n"]}
     checks = []
     for m, c in measured.items():
-        checks.append({"condition": f"{LABELS[m]} vs {against}: not lower, and not lower by more than {margin} "
-                                    f"with {confidence:.0%} confidence",
+        checks.append({"condition": f"{LABELS[m]} vs {against}: not lower by more than {margin} with "
+                                    f"{confidence:.0%} confidence",
                        "value": c["mean"], "low": c["low"], "high": c["high"], "target": -margin,
-                       "ok": c["mean"] >= 0 and c["low"] > -margin})
+                       "ok": c["low"] > -margin})
     pct = f"{confidence:.0%}"
     if not measured:
         return {"promoted": False, "checks": checks,
                 "reason": f"refused: nothing could be compared with {against} (no usable annotation or answer)"}
-    fell = [m for m, c in measured.items() if c["mean"] < 0]
-    if fell:
-        return {"promoted": False, "checks": checks, "reason": (
-            f"refused: worse than {against} (" + "; ".join(describe(m, measured[m]) for m in fell) + ")")}
     better = [m for m, c in measured.items() if c["low"] > 0]
+    worse = [m for m, c in measured.items() if c["high"] < 0 and c["low"] <= -margin]
+    unsure = [m for m, c in measured.items() if c["low"] <= -margin]
+    if worse:
+        return {"promoted": False, "checks": checks, "reason": (
+            f"refused: worse than {against} (" + "; ".join(describe(m, measured[m]) for m in worse) + ")")}
+    if unsure:
+        return {"promoted": False, "checks": checks, "reason": (
+            f"refused: could be worse than {against} by more than {margin} ("
+            + "; ".join(describe(m, measured[m]) for m in unsure) + ")")}
     if not better:
         return {"promoted": False, "checks": checks, "reason": (
             f"refused: not better than {against} with {pct} confidence ("
             + "; ".join(describe(m, c) for m, c in measured.items()) + ")")}
-    unsure = [m for m, c in measured.items() if c["low"] <= -margin]
-    if unsure:
-        return {"promoted": False, "checks": checks, "reason": (
-            f"refused: better than {against} on " + "; ".join(describe(m, measured[m]) for m in better)
-            + f", but could be worse by more than {margin} on "
-            + "; ".join(describe(m, measured[m]) for m in unsure))}
     return {"promoted": True, "checks": checks, "reason": (
         f"promoted: better than {against} (" + "; ".join(describe(m, measured[m]) for m in better)
-        + ") and no figure lower")}
+        + f"), and no figure worse by more than {margin}")}

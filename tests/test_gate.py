@@ -134,3 +134,19 @@ def test_paired_interval_covers_the_truth_and_detects_what_it_reports(seed):
     assert c["low"] < 0.1 < c["high"]  # the true mean difference is 0.2 * (0.75 - 0.25)
     assert c["mde"] == pytest.approx(gate.detectable(400, c["sd"], 0.9))
     assert 0.04 < c["mde"] < 0.07
+
+
+def test_a_gain_with_a_fall_inside_the_noise_is_promoted_and_one_beyond_the_margin_is_not():
+    rng = random.Random(3)
+    n = 384
+    # Like the demo's third iteration: real pass rate up 10 points, the degenerate share 1 point worse.
+    diffs = {"win_rate": [rng.choice([0.5, 0.5, 0.0, -0.5]) for _ in range(n)],
+             "substantive_pass_rate": [1.0] * 48 + [-1.0] * 10 + [0.0] * (n - 58),
+             "degenerate": [1.0] * 30 + [-1.0] * 34 + [0.0] * (n - 64)}
+    comps = gate.head_to_head(diffs, list(diffs), 0.9)
+    decision = gate.decide(comps, "iter_002", margin=0.05, confidence=0.9)
+    assert comps["degenerate"]["mean"] < 0 < comps["degenerate"]["high"] and comps["degenerate"]["low"] > -0.05
+    assert decision["promoted"] and decision["reason"].startswith("promoted: better than iter_002 (")
+    # The same with a margin tighter than the intervals can resolve: refused, and the reason says why.
+    tight = gate.decide(comps, "iter_002", margin=0.02, confidence=0.9)
+    assert not tight["promoted"] and tight["reason"].startswith("refused: could be worse than iter_002 by more than 0.02")
