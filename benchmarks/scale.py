@@ -150,6 +150,21 @@ class Tree:
         return max(inside, default=0)
 
 
+class _reaped:
+    """The run's process group is killed if the benchmark stops first (it runs in a session of its own)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def __enter__(self):
+        return self.proc
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 def nash_run(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "nash.flows.cli", "run", str(ROOT / "configs" / "default.yaml"),
                              *args], cwd=ROOT, env=env, start_new_session=True, stdout=open(log, "ab"),
@@ -168,7 +183,7 @@ def one_size(n: int, server: Counting, tmp: Path, policy: str) -> dict:
     before = dict(server.counts)
     with Interval() as whole:
         proc = nash_run(sets(n, server.url, prompts, policy, runs), env, tmp / f"run-{n}.log")
-        with Tree(proc.pid) as tree:
+        with Tree(proc.pid) as tree, _reaped(proc):
             rc = proc.wait()
     if rc != 0:
         raise SystemExit(f"nash run at {n} prompts exited {rc}; see {tmp / f'run-{n}.log'}")
@@ -203,22 +218,24 @@ def resume(n: int, server: Counting, tmp: Path, policy: str) -> dict:
     server.judged.clear()
     proc = nash_run(args, env, tmp / f"resume-{n}.log")
     half = n * (K + 1) // 2
-    while not (judgments.is_file() and _lines(judgments) >= half):
-        if proc.poll() is not None:
-            raise SystemExit(f"finished before judging was half done; see {tmp / f'resume-{n}.log'}")
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with _reaped(proc):
+        while not (judgments.is_file() and _lines(judgments) >= half):
+            if proc.poll() is not None:
+                raise SystemExit(f"finished before judging was half done; see {tmp / f'resume-{n}.log'}")
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     kept = _lines(judgments)
     asked = server.counts["judge"]
     t0 = time.time()
     proc = nash_run(args, env, tmp / f"resume-{n}.log")
-    while server.counts["judge"] == asked:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    first_request_s = time.time() - t0
-    rc = proc.wait()
+    with _reaped(proc):
+        while server.counts["judge"] == asked:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        first_request_s = time.time() - t0
+        rc = proc.wait()
     repaid = sum(c - 1 for c in server.judged.values() if c > 1)
     return {"prompts": n, "killed_with_judgment_lines": kept, "restart_to_first_judge_request_s": round(first_request_s, 1),
             "judge_requests_repaid": repaid, "rc": rc, "total_seconds_after_restart": round(time.time() - t0, 1)}

@@ -15,6 +15,10 @@ most the unfinished chunk: local compute, never a paid request. Remote judges (o
 
 When the judge's budget runs out, judging stops cleanly: what was judged is kept and the
 prompts left are counted, not recorded (for a chunked judge, the chunk it ran out in too).
+
+The judge stage reads samples.jsonl as a stream, prompt by prompt, holds only the prompts in
+flight, and counts the judgments it writes instead of keeping them: its memory does not grow
+with the candidates (600k of them at 100k prompts; benchmarks/scale.py).
 """
 
 from __future__ import annotations
