@@ -173,10 +173,11 @@ def summary(plan: dict) -> str:
     j, s = plan["judging"], plan["sampling"]
     measured = f"as measured in {plan['measured_from']}" if plan["measured_from"] else "upper bounds"
     gpu = f", {s['gpu_hours']:.2f} GPU-h" if s["gpu_hours"] is not None else ""
+    judging = (f"judging {j['requests']:,} requests, {j['tokens_in']:,} tokens in, {j['tokens_out']:,} out, "
+               f"${j['usd']:.2f} ({measured})" if j["requests"] else "judging on this machine, no model requests")
     return (f"plan for iter_{plan['iteration']:03d}: {plan['prompts']} prompts x {plan['candidates_per_prompt']} "
             f"candidates; sampling {s['sequences']} sequences, ~{s['expected_output_tokens']:,} tokens{gpu}; "
-            f"judging {j['requests']:,} requests, {j['tokens_in']:,} tokens in, {j['tokens_out']:,} out, "
-            f"${j['usd']:.2f} ({measured}); disk ~{_size(sum(v or 0 for v in plan['disk'].values()))}")
+            f"{judging}; disk ~{_size(sum(v or 0 for v in plan['disk'].values()))}")
 
 
 def markdown(plan: dict) -> str:
