@@ -171,18 +171,18 @@ def nash_run(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def sets(n, url, prompts, policy, runs) -> list[str]:
-    return ["--runs-dir", str(runs), *[x for o in overrides(n, url, prompts, policy) for x in ("--set", o)]]
+def sets(n, url, prompts, policy, runs, extra=()) -> list[str]:
+    return ["--runs-dir", str(runs), *[x for o in [*overrides(n, url, prompts, policy), *extra] for x in ("--set", o)]]
 
 
-def one_size(n: int, server: Counting, tmp: Path, policy: str) -> dict:
+def one_size(n: int, server: Counting, tmp: Path, policy: str, extra=()) -> dict:
     prompts = tmp / f"prompts-{n}.jsonl"
     write_prompts(prompts, n)
     runs, cache = tmp / "runs", tmp / f"cache-{n}"
     env = {**os.environ, "OPENAI_API_KEY": "sk-loopback", "NASH_CACHE": str(cache), "TQDM_DISABLE": "1"}
     before = dict(server.counts)
     with Interval() as whole:
-        proc = nash_run(sets(n, server.url, prompts, policy, runs), env, tmp / f"run-{n}.log")
+        proc = nash_run(sets(n, server.url, prompts, policy, runs, extra), env, tmp / f"run-{n}.log")
         with Tree(proc.pid) as tree, _reaped(proc):
             rc = proc.wait()
     if rc != 0:

@@ -11,7 +11,7 @@ N = 2000
 
 def test_two_thousand_prompts_through_nash_run(tmp_path, tiny_model_dir):
     with Counting() as server:
-        row = one_size(N, server, tmp_path, tiny_model_dir)
+        row = one_size(N, server, tmp_path, tiny_model_dir, ["eval.drift_prompts=0", "train.kl_prompts=0"])
     assert row["candidates"] == N * (K + 1)
     # Every prompt sampled once with n=5 (plus the held-out answers of π_1 and π_0) and judged in one request.
     assert row["requests"]["sample_choices"] == N * K + 2 * EVAL_PROMPTS
