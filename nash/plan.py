@@ -191,7 +191,8 @@ def markdown(plan: dict) -> str:
     for x in j["judges"]:
         rows.append(f"| judge {x['kind']} {x['model'] or ''} ({x['protocol']}) | {x['requests']:,} requests, "
                     f"{x['tokens_in']:,} in, {x['tokens_out']:,} out, ${x['usd']:.2f} |")
-    rows += [f"| judging budget (judge.budget_usd) | {'$%.2f' % j['budget_usd'] if j['budget_usd'] else 'none'} |",
+    budget = f"${j['budget_usd']:.2f}" if j["budget_usd"] else "none"
+    rows += [f"| judging budget (judge.budget_usd) | {budget} |",
              f"| disk: samples, judgments, policy | {_size(d['samples_bytes'])}, {_size(d['judgments_bytes'])}, "
              f"{_size(d['policy_bytes'])} |"]
     return "\n".join(rows) + "\n"

@@ -97,7 +97,8 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
     # The trainer's arguments come before the weights: under ZeRO-3 they register the DeepSpeed
     # config, so from_pretrained loads every rank's shard only (zero3_init_flag).
     if cfg.loss in PAIRED_LOSSES:
-        from trl import DPOConfig as Config, DPOTrainer as Trainer
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
 
         downweight = length_guard is not None and length_guard.action == "downweight"
         # RPO: TRL's `sft` term is the mean NLL of the chosen tokens, weighted against the preference loss.
@@ -107,11 +108,13 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
         args = Config(**common, loss_type=losses, loss_weights=weights, label_smoothing=cfg.label_smoothing,
                       ld_alpha=length_guard.alpha if downweight else None, precompute_ref_log_probs=True)
     elif cfg.loss == "kto":
-        from trl import KTOConfig as Config, KTOTrainer as Trainer
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
 
         args = Config(**common, precompute_ref_log_probs=True)
     elif cfg.loss == "cpo":
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
 
         args = Config(**common, loss_type="sigmoid", cpo_alpha=cfg.cpo_alpha)
     else:

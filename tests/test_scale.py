@@ -3,7 +3,7 @@ instant loopback server, so that the path the benchmark measures cannot silently
 
 import json
 
-from benchmarks.scale import EVAL_PROMPTS, K, Counting, is_lucky, one_size
+from benchmarks.scale import EVAL_PROMPTS, Counting, K, is_lucky, one_size
 from nash.records import Judgment, iter_jsonl
 
 N = 2000

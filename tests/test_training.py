@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from nash.config import LengthGuard, LoraSection, TrainSection
-from nash.records import Pair
 from nash.errors import UserError
+from nash.records import Pair
 from nash.training import accelerate_config_path, build_trainer, check_training, train_policy
 
 BETA = 0.2
