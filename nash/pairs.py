@@ -81,13 +81,8 @@ def select_pairs(
     iteration: int | None = None,
 ) -> tuple[list[Pair], PairStats]:
     """Judged pairs by the `dno` or `max_min` rule, from lists in memory."""
-    by_prompt: dict[str, list[Judgment]] = defaultdict(list)
-    for j in judgments:
-        by_prompt[j.prompt_id].append(j)
-    own: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        own[s.prompt_id].append(s)
-    groups = ((pid, group, by_prompt.get(pid, [])) for pid, group in own.items())
+    judged = dict(_by_prompt(judgments))
+    groups = ((pid, group, judged.get(pid, [])) for pid, group in _by_prompt(samples))
     return select_grouped(groups, min_chosen_score, min_margin, per_prompt, rule, teacher_margin, iteration)
 
 
@@ -141,11 +136,12 @@ def spin_pairs(samples: Iterable[Sample], per_prompt: str = "best",
     return spin_grouped(groups, per_prompt, iteration)
 
 
-def _by_prompt(samples: list[Sample]):
-    own: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        own[s.prompt_id].append(s)
-    return own.items()
+def _by_prompt(records: list):
+    """(prompt id, its records) in first-seen order, for records held in memory."""
+    out: dict[str, list] = defaultdict(list)
+    for r in records:
+        out[r.prompt_id].append(r)
+    return out.items()
 
 
 def spin_grouped(groups: Iterable[tuple[str, list[Sample]]], per_prompt: str = "best",
