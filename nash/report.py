@@ -257,10 +257,14 @@ def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
         vy = [v["mean"] + 0.5 for _, v in versus]
         err = [[v["mean"] - v["low"] for _, v in versus], [v["high"] - v["mean"] for _, v in versus]]
         ax.errorbar(vx, vy, yerr=err, fmt="v", color="tab:brown", capsize=3, label="win rate vs promoted (CI)")
+    labelled = set()
     for h in heads:  # the promoted lineage along the top
         if h.get("promoted") is not None:
+            kind = "promoted" if h["promoted"] else "refused"
             ax.plot(h["iteration"], 0.97, "*" if h["promoted"] else "x", ms=10 if h["promoted"] else 7,
-                    color="gold" if h["promoted"] else "grey", markeredgecolor="black" if h["promoted"] else None)
+                    color="gold" if h["promoted"] else "grey", markeredgecolor="black" if h["promoted"] else None,
+                    ls="none", label=None if kind in labelled else kind)
+            labelled.add(kind)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"rate (win rate vs {heads[-1].get('against', 'reference')})")
