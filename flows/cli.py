@@ -291,8 +291,7 @@ def cmd_rejudge(args) -> int:
         n = iteration.reopen_failed_judgments(it)
         if n:
             iteration.judge(str(it.path))
-        counts = iteration.outcome_counts(iteration.read_jsonl(it.judgments, iteration.Judgment)) \
-            if it.judgments.is_file() else {}
+        counts = it.manifest().get("judge_outcomes", {})
     print(f"nash: {it.path.name}: asked again for {n} failed judgment(s); now {counts.get('failed', 0)} failed. "
           f"`nash run` continues the iteration from its judgments", file=sys.stderr)
     return 0

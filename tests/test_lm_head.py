@@ -50,7 +50,8 @@ def test_cpu_head_equals_trls(tiny_model_dir, monkeypatch, temperature, shift, t
     torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
     assert our_grads.keys() == their_grads.keys() and our_grads
     for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        # Tiles add the same terms in another order: one embedding gradient in 1.5M was 1.3e-5 off on an AMD EPYC.
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=5e-5, rtol=1e-4, msg=name)
 
 
 def test_plain_forward_is_the_models(tiny_model_dir):
