@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(BIN)/nash samples demo --runs-dir $(RUNS)
 
 test: $(STAMP) $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m slow
