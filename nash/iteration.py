@@ -180,24 +180,22 @@ def _sample_one_shard(it: IterationDir, k: int, sampler, progress: Progress | No
                             seed=seed)
     completions = sampler.generate([p.text for p in parts], params, progress) if parts else []
 
+    written = 0
+
     def samples():  # made as they are written: 600k Sample objects would be gigabytes
+        nonlocal written
         for p, cs in zip(parts, completions):
+            written += len(cs)
             yield from (Sample(prompt_id=p.id, candidate=j, prompt=p.text, response=c.text, num_tokens=c.num_tokens,
                                policy=f"iter_{it.index - 1:03d}") for j, c in enumerate(cs))
             if (s.include_reference or cfg.pairs.rule == "spin") and p.reference:
+                written += 1
                 yield Sample(prompt_id=p.id, candidate=len(cs), prompt=p.text, response=p.reference,
                              num_tokens=sampler.count_tokens(p.reference), policy="reference")
 
     out, done = shard_paths(it, k)
-    written = [0]
-
-    def counted():
-        for x in samples():
-            written[0] += 1
-            yield x
-
-    write_jsonl(out, counted())
-    write_json(done, {"shard": k, "prompts": len(parts), "samples": written[0], "host": socket.gethostname(),
+    write_jsonl(out, samples())
+    write_json(done, {"shard": k, "prompts": len(parts), "samples": written, "host": socket.gethostname(),
                       "pid": os.getpid(), "finished_at": now(), "seconds": round(time.time() - t0, 2), "sampling": dict(getattr(sampler, "info", {}) or {})})
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
@@ -88,22 +88,18 @@ def judge_samples(
     prompt; with `keep=False` too, nothing held grows with the number of candidates.
     """
     if isinstance(samples, Path):
-        expected = _expected(samples)
-        source = samples
+        expected, source = _expected(samples), samples
 
         def stream():
             return iter_jsonl(source, Sample)
     else:
-        expected = defaultdict(set)
-        for s in samples:
+        expected, rows = defaultdict(set), samples
+        for s in rows:
             expected[s.prompt_id].add(s.candidate)
-        rows = samples
 
         def stream():
             return iter(rows)
-    done: list[Judgment] = []
-    tally = Tally()
-    judged = _judged(out_path, expected, tally, done if keep else None)
+    judged, tally, done = _judged(out_path, expected, keep)
     lock = threading.Lock()
     todo = sum(1 for pid, c in expected.items() if not c <= judged.get(pid, set()))
     bar = tqdm(total=todo, desc="judging", unit="prompt", leave=False)
@@ -182,38 +178,43 @@ def _expected(path: Path) -> dict[str, set[int]]:
     return out
 
 
-def _judged(out_path: Path, expected: dict[str, set[int]], tally: Tally,
-            keep: list[Judgment] | None) -> dict[str, set[int]]:
-    """The candidates already judged, per prompt, from the records on disk (read as a stream).
+def _judged(out_path: Path, expected: dict[str, set[int]],
+            keep: bool) -> tuple[dict[str, set[int]], Tally, list[Judgment]]:
+    """The candidates already judged, per prompt, from the records on disk (read as a stream, once
+    unless the file must be rewritten), with their tally and, with `keep`, the records.
 
     The first record of each (prompt, candidate) counts; a prompt not judged in full (a kill
     in the middle of its block of lines) is judged again, and the file is rewritten without
     its records (and without duplicates, which nash never writes).
     """
     if not out_path.is_file():
-        return {}
+        return {}, Tally(), []
     repair_jsonl(out_path, Judgment)
     have: dict[str, set[int]] = defaultdict(set)
     extra = 0
+    tally, kept = Tally(), []
     for j in iter_jsonl(out_path, Judgment):
         if j.candidate in have[j.prompt_id]:
             extra += 1
         have[j.prompt_id].add(j.candidate)
+        tally.add([j])
+        if keep:
+            kept.append(j)
     whole = {pid for pid, got in have.items() if expected.get(pid, set()) <= got}
     if extra or len(whole) != len(have):
         tmp = temporary_name(out_path)
         seen: set[tuple[str, int]] = set()
+        tally, kept = Tally(), []  # the records that stay
         with open(tmp, "w", encoding="utf-8") as f:
             for j in iter_jsonl(out_path, Judgment):
                 if j.prompt_id in whole and (j.prompt_id, j.candidate) not in seen:
                     seen.add((j.prompt_id, j.candidate))
                     f.write(j.model_dump_json() + "\n")
+                    tally.add([j])
+                    if keep:
+                        kept.append(j)
         replace_durably(tmp, out_path)
-    for j in iter_jsonl(out_path, Judgment):
-        tally.add([j])
-        if keep is not None:
-            keep.append(j)
-    return {pid: have[pid] for pid in whole}
+    return {pid: have[pid] for pid in whole}, tally, kept
 
 
 def batch_limits(judge) -> list[tuple[int, Callable[[int], int]]]:
@@ -254,9 +255,6 @@ def chunks(pids: Iterable[tuple[str, int]], limits: list[tuple[int, Callable[[in
 
 
 def outcome_counts(judgments: list[Judgment]) -> dict:
-    counts = Counter(j.outcome for j in judgments)
-    out = {k: counts.get(k, 0) for k in OUTCOMES}
-    for key in USAGE:
-        out[key] = sum(getattr(j, key) for j in judgments)
-    out["cost_usd"] = round(out["cost_usd"], 6)
-    return out
+    tally = Tally()
+    tally.add(judgments)
+    return tally.summary()

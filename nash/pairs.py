@@ -70,20 +70,11 @@ def _drop_reason(scored, min_chosen):
     return "best below min_chosen_score" if top < min_chosen else "margin below min_margin"
 
 
-def select_pairs(
-    samples: list[Sample],
-    judgments: list[Judgment],
-    min_chosen_score: float,
-    min_margin: float,
-    per_prompt: str = "best",
-    rule: str = "dno",
-    teacher_margin: float | None = None,
-    iteration: int | None = None,
-) -> tuple[list[Pair], PairStats]:
-    """Judged pairs by the `dno` or `max_min` rule, from lists in memory."""
+def select_pairs(samples: list[Sample], judgments: list[Judgment], *args, **kwargs) -> tuple[list[Pair], PairStats]:
+    """`select_grouped` on lists held in memory."""
     judged = dict(_by_prompt(judgments))
     groups = ((pid, group, judged.get(pid, [])) for pid, group in _by_prompt(samples))
-    return select_grouped(groups, min_chosen_score, min_margin, per_prompt, rule, teacher_margin, iteration)
+    return select_grouped(groups, *args, **kwargs)
 
 
 def select_grouped(

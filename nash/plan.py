@@ -47,9 +47,8 @@ def _last_measured(run) -> dict:
     m = done[-1].manifest()
     sample, outcomes = m.get("stages", {}).get("sample", {}), m.get("judge_outcomes", {})
     out = {"from": done[-1].path.name}
-    policy_tokens = [s.get("mean_tokens") for s in [sample] if s.get("mean_tokens")]
-    if policy_tokens:
-        out["candidate_tokens"] = policy_tokens[0]
+    if sample.get("mean_tokens"):
+        out["candidate_tokens"] = sample["mean_tokens"]
     if sample.get("tokens_per_second"):
         out["tokens_per_second"] = sample["tokens_per_second"]
     if outcomes.get("requests"):
