@@ -111,12 +111,19 @@ def overrides(n: int, url: str, prompts: Path, policy: str) -> list[str]:
 
 
 class Tree:
-    """Resident memory and CPU of a process and its descendants, sampled every `period` seconds."""
+    """Memory of a process and its descendants, sampled every `period` seconds.
+
+    PSS (proportional set size) counts a page shared by several processes (torch's libraries,
+    mapped by the run and its training worker alike) once, split between them, so the sum over
+    the tree is the memory the tree really holds; RSS summed over processes counts shared pages
+    once per process. Both are kept, with each process's share by role.
+    """
 
     def __init__(self, pid: int, period: float = 0.2):
         import psutil
 
         self.root, self.period, self.samples = psutil.Process(pid), period, []
+        self.roles: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -128,13 +135,19 @@ class Tree:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 break
-            rss = 0
+            rss = pss = 0
+            by_role: dict[str, int] = {}
             for p in procs:
                 try:
-                    rss += p.memory_info().rss
+                    m = p.memory_full_info()
+                    role = _role(p)
                 except psutil.NoSuchProcess:
-                    pass
-            self.samples.append((time.time(), rss))
+                    continue
+                rss, pss = rss + m.rss, pss + m.pss
+                by_role[role] = by_role.get(role, 0) + m.pss
+                peak = self.roles.setdefault(role, {"rss": 0, "pss": 0})
+                peak["rss"], peak["pss"] = max(peak["rss"], m.rss), max(peak["pss"], m.pss)
+            self.samples.append((time.time(), rss, pss, by_role))
             self._stop.wait(self.period)
 
     def __enter__(self):
@@ -145,9 +158,24 @@ class Tree:
         self._stop.set()
         self._thread.join()
 
-    def peak(self, t0: float | None = None, t1: float | None = None) -> int:
-        inside = [r for t, r in self.samples if (t0 is None or t >= t0) and (t1 is None or t <= t1)]
+    def peak(self, t0: float | None = None, t1: float | None = None, kind: str = "pss") -> int:
+        i = 2 if kind == "pss" else 1
+        inside = [s[i] for s in self.samples if (t0 is None or s[0] >= t0) and (t1 is None or s[0] <= t1)]
         return max(inside, default=0)
+
+    def at_peak(self, t0: float | None = None, t1: float | None = None) -> dict[str, int]:
+        """Each process's PSS at the moment the tree's PSS peaked."""
+        inside = [s for s in self.samples if (t0 is None or s[0] >= t0) and (t1 is None or s[0] <= t1)]
+        return max(inside, key=lambda s: s[2])[3] if inside else {}
+
+
+def _role(p) -> str:
+    cmd = " ".join(p.cmdline())
+    for key, role in (("nash.train_worker", "training worker"), ("nash.lifeline", "lifeline"),
+                      ("prefect", "prefect server"), ("nash.flows.cli", "nash run")):
+        if key in cmd:
+            return role
+    return p.name()
 
 
 class _reaped:
@@ -196,13 +224,18 @@ def one_size(n: int, server: Counting, tmp: Path, policy: str, extra=()) -> dict
         stages[name] = {"wall_s": s["seconds"], "cpu_s": s.get("cpu_seconds"),
                         "cpu_ms_per_candidate": round(1000 * s["cpu_seconds"] / candidates, 3)
                         if s.get("cpu_seconds") is not None else None,
-                        "peak_rss_mib": round(tree.peak(t0, t0 + s["seconds"] + tree.period) / 2**20)
-                        if t0 else None}
+                        **({"peak_pss_mib": round(tree.peak(t0, t0 + s["seconds"] + tree.period) / 2**20),
+                            "peak_rss_sum_mib": round(tree.peak(t0, t0 + s["seconds"] + tree.period, "rss") / 2**20),
+                            "at_peak_pss_mib": {r: round(v / 2**20) for r, v in
+                                                tree.at_peak(t0, t0 + s["seconds"] + tree.period).items()}}
+                           if t0 else {})}
     sizes = {f: (it / f).stat().st_size for f in ("samples.jsonl", "judgments.jsonl", "pairs.jsonl", "manifest.json")}
     sizes["judgment_cache"] = sum(p.stat().st_size for p in (cache / "judgments").glob("*.sqlite*"))
     return {"prompts": n, "candidates": candidates, **whole.record(),
             "cpu_ms_per_candidate": round(1000 * whole.cpu / candidates, 3),
-            "peak_rss_mib": round(tree.peak() / 2**20), "stages": stages, "bytes": sizes,
+            "peak_pss_mib": round(tree.peak() / 2**20), "peak_rss_sum_mib": round(tree.peak(kind="rss") / 2**20),
+            "peak_by_process_mib": {r: {k: round(v / 2**20) for k, v in m.items()} for r, m in tree.roles.items()},
+            "stages": stages, "bytes": sizes,
             "pairs": manifest.get("pairs", {}).get("pairs"),
             "requests": {k: server.counts[k] - before[k] for k in server.counts}}
 

@@ -47,6 +47,7 @@ def _config(args):
 def _open_run(args, cfg, plan: bool = False):
     """The run directory, once everything that can fail before the first paid stage has been checked;
     with `plan`, the next iteration's plan is printed and its judging cost held against the budget."""
+    from nash.iteration import give_back_memory
     from nash.preflight import preflight
 
     run = RunDir(_runs_dir(args.runs_dir) / cfg.run.name)
@@ -60,6 +61,7 @@ def _open_run(args, cfg, plan: bool = False):
         note = planning.check_budget(p, getattr(args, "over_budget", False))
         if note:
             print(f"nash: {note}", file=sys.stderr)
+    give_back_memory()  # the preflight read every prompt of the source
     return RunDir.create(_runs_dir(args.runs_dir), cfg)
 
 

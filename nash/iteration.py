@@ -54,9 +54,9 @@ log = logging.getLogger("nash")
 STAGES = ("sample", "judge", "select_pairs", "train", "evaluate")
 
 
-def _give_back_memory() -> None:
-    """Return the heap a stage freed to the system: without it the round process keeps the peak of
-    sampling 100k prompts while the training worker loads beside it."""
+def give_back_memory() -> None:
+    """Return the heap a stage (or the preflight) freed to the system: without it the round process
+    keeps the peak of reading 100k prompts while the training worker loads beside it."""
     import ctypes
     import gc
 
@@ -86,7 +86,7 @@ def _run_stage(it: IterationDir, name: str, output: Path, work: Callable[[], dic
         it.update_manifest(stages=stages, status="failed", error=f"{name}: {type(e).__name__}: {e}",
                            traceback=traceback.format_exc(limit=5))
         raise
-    _give_back_memory()
+    give_back_memory()
     stages = it.manifest().get("stages", {})
     # CPU of this process and of the children it reaped meanwhile (the training worker, vLLM engines).
     stages[name] = {"status": "complete", "seconds": round(time.time() - start, 2),
@@ -149,6 +149,8 @@ def prepare(run_dir: str) -> str:
         started_at=now(),
         stages={},
     )
+    del all_prompts, part
+    give_back_memory()
     return str(it.path)
 
 

@@ -105,9 +105,13 @@ def check_lengths(cfg, policy: str, training: list[Prompt], held_out: list[Promp
     tok = load_tokenizer(policy)
     context = context_length(policy)
 
-    def tokens(prompts):
-        texts = [chat_text(tok, p.text) for p in prompts]
-        return dict(zip((p.id for p in prompts), (len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])))
+    def tokens(prompts, chunk: int = 1024):  # lengths only, a chunk at a time: 100k token lists are gigabytes
+        out = {}
+        for i in range(0, len(prompts), chunk):
+            part = prompts[i : i + chunk]
+            ids = tok([chat_text(tok, p.text) for p in part], add_special_tokens=False)["input_ids"]
+            out.update(zip((p.id for p in part), map(len, ids)))
+        return out
 
     n_train = tokens(training)
     too_long = [p for p in training if n_train[p.id] >= cfg.train.max_length]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,8 +30,8 @@ class SamplingParams:
 class Sampler(Protocol):
     def generate(
         self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
-    ) -> list[list[Completion]]:
-        """Return `params.n` completions for each prompt, in prompt order."""
+    ) -> Sequence[list[Completion]]:
+        """`params.n` completions for each prompt, in prompt order (a list, or a view of a journal on disk)."""
         ...
 
 

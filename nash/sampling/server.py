@@ -8,12 +8,13 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from nash.openai_client import UndecodableReply, create_completion, describe, make_client, read_api_key
-from nash.records import read_lines, repair_jsonl
+from nash.records import repair_jsonl
 from nash.sampling.base import Completion, SamplingParams, TokenCounter, throughput
 from nash.vllm_engine import EngineFailed
 
@@ -57,34 +58,41 @@ class OpenAISampler(TokenCounter):
         return out
 
     def generate(self, prompts, params, progress=None, show_progress=True):
+        """The completions in prompt order. With a journal they stay on disk and are read back one
+        prompt at a time (`Journaled`): a 100k-prompt shard's 500k completions are not held in memory."""
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        done: dict[int, list[Completion]] = {}
+        done: dict[int, int | list[Completion]] = {}  # index -> journal offset, or the completions
         key = {"model": self.model, "base_url": self.cfg.base_url, "n": params.n, "temperature": params.temperature,
                "top_p": params.top_p, "max_tokens": params.max_new_tokens, "seed": params.seed}
         if self.journal and self.journal.is_file():
             repair_jsonl(self.journal)
-            for _, line in read_lines(self.journal):  # a stream: a resumed 100k-prompt shard
-                with contextlib.suppress(ValueError, KeyError):  # a line cut short by a crash
+            for offset, line in _lines_at(self.journal):  # a stream: a resumed 100k-prompt shard
+                with contextlib.suppress(ValueError, KeyError, IndexError):  # a line cut short by a crash
                     row = json.loads(line)
                     if row["key"] == key and row["prompt"] == prompts[row["index"]]:
-                        done[row["index"]] = [Completion(**c) for c in row["completions"]]
+                        done[row["index"]] = offset
         todo = [i for i in range(len(prompts)) if i not in done]
         bar = tqdm(total=len(prompts), initial=len(done), desc="sampling (server)", unit="prompt", leave=False,
                    disable=not show_progress)
         lock = threading.Lock()
         t0 = time.perf_counter()
+        toks = 0
         if self.journal:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.journal, "a", encoding="utf-8") if self.journal else contextlib.nullcontext() as f:
+        with open(self.journal, "ab") if self.journal else contextlib.nullcontext() as f:
             def one(i):
+                nonlocal toks
                 cs = self._ask(prompts[i], params)
                 with lock:
-                    done[i] = cs
+                    toks += sum(c.num_tokens for c in cs)
                     if f:
+                        done[i] = f.tell()
                         f.write(json.dumps({"key": key, "index": i, "prompt": prompts[i],
-                                            "completions": [c.__dict__ for c in cs]}) + "\n")
+                                            "completions": [c.__dict__ for c in cs]}).encode() + b"\n")
                         f.flush()
+                    else:
+                        done[i] = cs
                     bar.update(1)
                     if progress:
                         progress(len(done), len(prompts))
@@ -100,8 +108,44 @@ class OpenAISampler(TokenCounter):
         bar.close()
         seconds = time.perf_counter() - t0
         seqs = len(todo) * params.n
-        toks = sum(c.num_tokens for i in todo for c in done[i])
         self.info = {"backend": "openai", "base_url": self.cfg.base_url, "model": self.model, "sequences": seqs,
                      "tokens": toks, "generate_seconds": round(seconds, 2), "reused_prompts": len(prompts) - len(todo),
                      **throughput(seqs, toks, seconds)}
+        if self.journal:
+            return Journaled(self.journal, [done[i] for i in range(len(prompts))])
         return [done[i] for i in range(len(prompts))]
+
+
+def _lines_at(path: Path):
+    """(byte offset, line) for each line of a file, as a stream."""
+    with open(path, "rb") as f:
+        offset = 0
+        for raw in f:
+            yield offset, raw
+            offset += len(raw)
+
+
+class Journaled(Sequence):
+    """Completions in prompt order, read from the journal where `generate` wrote them."""
+
+    def __init__(self, path: Path, offsets: list[int]):
+        self.path, self.offsets = path, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with open(self.path, "rb") as f:
+            return self._read(f, self.offsets[i])
+
+    def __iter__(self):
+        with open(self.path, "rb") as f:
+            for offset in self.offsets:
+                yield self._read(f, offset)
+
+    @staticmethod
+    def _read(f, offset: int) -> list[Completion]:
+        f.seek(offset)
+        return [Completion(**c) for c in json.loads(f.readline())["completions"]]
