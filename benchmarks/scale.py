@@ -105,7 +105,7 @@ def overrides(n: int, url: str, prompts: Path, policy: str) -> list[str]:
         f"sampling.n={K}", "sampling.include_reference=true", "sampling.max_new_tokens=64",
         "judge={kind: openai, protocol: batched, model: gpt-4-turbo, concurrency: 16}", f"judge.base_url={url}",
         "pairs.rule=dno", "pairs.min_chosen_score=5", "pairs.min_margin=2", "pairs.per_prompt=best",
-        "train.batch_size=8", "train.epochs=1", "train.max_length=96", "train.kl_prompts=4",
+        "train.batch_size=8", "train.epochs=1", "train.max_length=96", "train.kl_prompts=4", "eval.retention=null",
         f"eval.num_prompts={EVAL_PROMPTS}", "eval.max_new_tokens=32", "eval.drift_prompts=4", "eval.gate=null",
     ]
 

@@ -325,10 +325,11 @@ PAIRED_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "ro
 
 
 class TrainSection(Section):
-    loss: Literal["dpo", "ipo", "hinge", "robust", "kto", "cpo"] = Field(
+    loss: Literal["dpo", "ipo", "hinge", "robust", "kto", "cpo", "sft"] = Field(
         "dpo",
         description="dpo/ipo/hinge/robust: TRL DPOTrainer loss types; kto: KTOTrainer on unpaired halves; "
-        "cpo: CPOTrainer, no reference model, preference loss plus NLL.",
+        "cpo: CPOTrainer, no reference model, preference loss plus NLL; sft: SFTTrainer on the kept pairs' "
+        "chosen answers only (rejection-sampling fine-tuning), no reference model.",
     )
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="robust: assumed share of flipped labels.")
@@ -378,9 +379,9 @@ class TrainSection(Section):
             raise ValueError("loss robust needs label_smoothing > 0 (the assumed share of flipped labels)")
         if self.nll_alpha and self.loss not in PAIRED_LOSSES:
             raise ValueError(f"nll_alpha works with the DPOTrainer losses ({', '.join(PAIRED_LOSSES)}); "
-                             f"cpo has its own cpo_alpha")
-        if self.loss == "cpo" and self.reference == "initial":
-            raise ValueError("loss cpo uses no reference model; remove reference: initial")
+                             f"cpo has its own cpo_alpha; sft is all NLL")
+        if self.loss in ("cpo", "sft") and self.reference == "initial":
+            raise ValueError(f"loss {self.loss} uses no reference model; remove reference: initial")
         return self
 
 
@@ -396,6 +397,18 @@ class GateSection(Section):
     margin: float = Field(0.05, ge=0.0, lt=1.0, description="How far below 0 a figure's interval may reach "
                           "(non-inferiority); and one figure's interval must be above 0. Keep it near the intervals' "
                           "half-width (`mde` in the metrics): about 0.05 at 384 prompts.")
+
+
+class RetentionSection(Section):
+    """General knowledge the policy must keep (nash/retention.py): scored by log-likelihood, no generation."""
+
+    source: LocalPath = Field("builtin", description="Multiple-choice items: 'builtin' (240 items on subjects far "
+                              "from the training prompts), a .jsonl or 'hf:<dataset>[:split]' with question, "
+                              "choices and answer (the correct choice's index).")
+    items: int = Field(0, ge=0, description="Items to score (0: all).")
+    max_drop: float | None = Field(0.02, ge=0.0, le=1.0, description="Forgetting gate: an iteration whose accuracy "
+                                   "is more than this below π_0's is not promoted, and is warned about; null: "
+                                   "report only.")
 
 
 class EvalSection(Section):
@@ -442,6 +455,9 @@ class EvalSection(Section):
     gate: GateSection | None = Field(
         default_factory=GateSection, description="Promote only an iteration that beats the promoted policy (π_0 "
         "until one is) head to head; null: eval.promote_if alone decides.")
+    retention: RetentionSection | None = Field(
+        default_factory=RetentionSection, description="Retention of general knowledge beside π_0's, and the "
+        "forgetting gate; null: not measured.")
     min_words: int = Field(6, ge=0, description="Answers with fewer words count as short (degenerate); 0: no "
                            "short flag.")
     warn_win_rate_drop: float = Field(0.05, ge=0.0, description="Warn when win rate falls by more than this.")
@@ -460,7 +476,8 @@ class EvalSection(Section):
 
 
 PROMOTE_METRICS = ("win_rate", "lc_win_rate", "pass_rate", "kl_from_initial", "perplexity", "mean_length",
-                   "substantive_pass_rate", "degenerate", "degenerate_rise", "length_ratio")
+                   "substantive_pass_rate", "degenerate", "degenerate_rise", "length_ratio", "retention",
+                   "retention_drop", "rank_shift")
 _CONDITION = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*(best|previous|[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
 
 

@@ -1,12 +1,20 @@
-"""How far a policy moved: the mean per-token KL between two policies on fixed text.
+"""How far a policy moved: the mean per-token KL between two policies on fixed text, and the
+rank of the policy's own tokens under the other.
 
 KL is measured teacher-forced: both models read the same prompt and response, and at every
 response position the full next-token distributions are compared,
 KL(p || q) = sum_v p(v | prefix) (log p(v | prefix) - log q(v | prefix)), averaged over
 response tokens. Exact at each position, so no sampling noise on top of the choice of text.
+
+Token-rank shift: for π_t's own greedy answers, the rank each token has under π_0's next-token
+distribution at the same prefix (1: π_0 would have chosen it too). The share of tokens π_0 would
+not have ranked first and their mean log-rank say how much of the answer is new to π_0, where
+KL averages over the whole vocabulary; the tokens that moved most say what changed.
 """
 
 from __future__ import annotations
+
+import math
 
 from nash.errors import UserError
 from nash.models import chat_text, load_causal_lm, load_tokenizer
@@ -36,6 +44,41 @@ def _encode(tok, prompts: list[str], responses: list[str], max_length: int):
     return rows
 
 
+class RankShift:
+    """Ranks of response tokens under a reference distribution, accumulated over batches."""
+
+    def __init__(self):
+        self.tokens, self.not_first, self.log_rank = 0, 0, 0.0
+        self.moved: dict[int, list[float]] = {}  # token id -> [times not first, sum of log-ranks there]
+
+    def add(self, logq, targets, mask) -> None:
+        """`logq` [B, T, V]: the reference's log-probabilities (or logits) at each position; `targets` [B, T]:
+        the token that followed; `mask` [B, T]: 1 where it is a response token."""
+        import torch
+
+        picked = logq.gather(-1, targets.unsqueeze(-1))
+        ranks = (logq > picked).sum(-1) + 1  # ties rank with the token: a reference that agrees gives 1
+        keep = mask.bool()
+        ranks, ids = ranks[keep], targets[keep]
+        logs = torch.log(ranks.double())
+        self.tokens += int(ranks.numel())
+        self.not_first += int((ranks > 1).sum())
+        self.log_rank += float(logs.sum())
+        for t, lr in zip(ids[ranks > 1].tolist(), logs[ranks > 1].tolist()):
+            m = self.moved.setdefault(t, [0, 0.0])
+            m[0] += 1
+            m[1] += lr
+
+    def summary(self, tok=None, top: int = 10) -> dict:
+        if not self.tokens:
+            return {"tokens": 0, "not_first_share": None, "mean_log_rank": None, "moved": []}
+        most = sorted(self.moved.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
+        return {"tokens": self.tokens, "not_first_share": self.not_first / self.tokens,
+                "mean_log_rank": self.log_rank / self.tokens,
+                "moved": [{"token": tok.decode([t]) if tok is not None else t, "times": n,
+                           "mean_rank": round(math.exp(s / n), 1)} for t, (n, s) in most]}
+
+
 def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str], dtype: str = "float32",
              batch_size: int = 8, max_length: int = 512) -> dict:
     """Mean per-token KL(p || q) over the response tokens of (prompt, response) pairs.
@@ -51,7 +94,7 @@ def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str],
     pad = tok.pad_token_id
     p_model, q_model = load_causal_lm(p_path, dtype, device), load_causal_lm(q_path, dtype, device)
     rows = sorted((r for r in _encode(tok, prompts, responses, max_length) if sum(r[1]) > 0), key=lambda r: len(r[0]))
-    total, tokens = 0.0, 0
+    total, tokens, shift = 0.0, 0, RankShift()
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         ids, attn = _pad([i for i, _ in batch], pad, device)
@@ -65,8 +108,10 @@ def token_kl(p_path: str, q_path: str, prompts: list[str], responses: list[str],
         mask = resp[:, keep + 1].float()
         total += float((kl * mask).sum())
         tokens += int(mask.sum())
+        shift.add(lq, ids[:, keep + 1], mask)
     # Each position's KL is >= 0; float32 rounding can leave a -1e-8 sum for identical models.
-    return {"kl": max(total / tokens, 0.0) if tokens else None, "tokens": tokens, "sequences": len(rows)}
+    return {"kl": max(total / tokens, 0.0) if tokens else None, "tokens": tokens, "sequences": len(rows),
+            "rank_shift": shift.summary(tok)}
 
 
 def load_texts(source: str = "builtin") -> list[str]:
@@ -95,8 +140,6 @@ def load_texts(source: str = "builtin") -> list[str]:
 def perplexity(model_path: str, texts: list[str], dtype: str = "float32", batch_size: int = 4,
                max_length: int = 512) -> dict:
     """Token-weighted perplexity of a policy on plain text (no chat template)."""
-    import math
-
     import torch
 
     device = default_device()

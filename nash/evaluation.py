@@ -481,9 +481,30 @@ def drift(it: IterationDir, cfg) -> dict:
     if not base_path.is_file():
         run.baseline_dir.mkdir(parents=True, exist_ok=True)
         write_json(base_path, perplexity(initial, texts, dtype))
-    return {"kl_from_initial": kl["kl"], "kl_tokens": kl["tokens"],
+    return {"kl_from_initial": kl["kl"], "kl_tokens": kl["tokens"], "rank_shift": kl["rank_shift"],
             "perplexity": perplexity(str(it.policy), texts, dtype)["perplexity"],
             "initial_perplexity": json.loads(base_path.read_text())["perplexity"], "precision": dtype}
+
+
+def retention(it: IterationDir, cfg) -> dict | None:
+    """π_t's accuracy on the retention probe beside π_0's (scored once per run, source and precision)."""
+    r = cfg.eval.retention
+    if r is None:
+        return None
+    from nash import retention as probe
+
+    items = probe.load_items(r.source, r.items)
+    dtype = it.precision().drift_dtype
+    key = {"source": r.source, "items": [i.id for i in items], "dtype": dtype}
+    base_path = it.run.baseline_dir / "retention.json"
+    base = json.loads(base_path.read_text()) if base_path.is_file() else {}
+    if base.get("key") != key:
+        it.run.baseline_dir.mkdir(parents=True, exist_ok=True)
+        base = {"key": key, **probe.score(resolve_policy(cfg.policy.model), items, dtype)}
+        write_json(base_path, base)
+    new = probe.score(str(it.policy), items, dtype)
+    write_json(it.eval_dir / "retention.json", {"key": key, **new})
+    return {"source": r.source, "max_drop": r.max_drop, **probe.compare(new, base, items)}
 
 
 def degeneration(it: IterationDir, cfg, progress=None) -> dict:
@@ -543,6 +564,7 @@ def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> di
     finally:
         close_judge(annotator)
     drifted = drift(it, cfg)
+    kept = retention(it, cfg)
     degen = degeneration(it, cfg)
     pol, ini = degen["policy"], degen["initial"]
     head = {"iteration": it.index, **report.comparison_headline(result), "pass_rate": result["pass_rate"],
@@ -551,11 +573,14 @@ def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> di
             "initial_substantive_pass_rate": ini["substantive_pass_rate"],
             "degenerate": pol["degenerate"], "initial_degenerate": ini["degenerate"],
             "degenerate_rise": pol["degenerate"] - ini["degenerate"] if pol["n"] and ini["n"] else None,
-            "length_ratio": pol["mean_tokens"] / ini["mean_tokens"] if ini["mean_tokens"] else None}
+            "length_ratio": pol["mean_tokens"] / ini["mean_tokens"] if ini["mean_tokens"] else None,
+            "rank_shift": (drifted.get("rank_shift") or {}).get("not_first_share"),
+            "retention": kept and kept["accuracy"], "initial_retention": kept and kept["initial_accuracy"],
+            "retention_drop": kept and kept["drop"], "retention_drop_se": kept and kept["change_stderr"]}
     earlier = report.headlines(it.run, before=it.index)
     manifest = it.manifest()
     warned = report.warnings_for(head, earlier, cfg.eval, manifest.get("train", {}))
-    promo = report.promotion(head, earlier, cfg.eval.promote_if, versus)
+    promo = report.promotion(head, earlier, report.promotion_conditions(cfg.eval), versus)
     head["promoted"], head["promotion_reason"] = promo["promoted"], promo["reason"]
     if versus is not None:
         head["versus"] = {"against": versus["against"], "promoted": versus["promoted"],
@@ -566,6 +591,7 @@ def evaluate_iteration(it: IterationDir, progress: Progress | None = None) -> di
         "headline": head,
         "win_rate": result,
         "drift": drifted,
+        "retention": kept,
         "degeneration": degen,
         "warnings": warned,
         "promotion": promo,

@@ -77,6 +77,10 @@ def preflight(cfg, run: RunDir) -> None:
         from nash.drift import load_texts
 
         load_texts(cfg.eval.drift_text)
+    if cfg.eval.retention is not None:
+        from nash.retention import load_items
+
+        load_items(cfg.eval.retention.source, cfg.eval.retention.items)
     policy = resolve_policy(cfg.policy.model)
     check_model(policy, "policy.model")
     parent = run.parent_of_next(cfg.train.parent)

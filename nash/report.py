@@ -53,6 +53,8 @@ def iteration_row(manifest: dict) -> dict:
         "vs": m.get("against", "-"),
         "LC win rate": fmt(m.get("lc_win_rate")),
         "KL to π_0": fmt(m.get("kl_from_initial"), 4),
+        "rank shift": fmt(m.get("rank_shift")),
+        "retention": fmt(m.get("retention")),
         "promoted": fmt_promoted(m),
         "weights": "deleted" if manifest.get("policy_deleted_at") else
                    "on disk" if manifest.get("status") in ("complete", "rolled_back") else "-",
@@ -65,7 +67,8 @@ OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 # For `best`: the direction in which each metric is better.
 HIGHER_IS_BETTER = {"win_rate": True, "lc_win_rate": True, "pass_rate": True, "kl_from_initial": False,
                     "perplexity": False, "mean_length": False, "substantive_pass_rate": True, "degenerate": False,
-                    "degenerate_rise": False, "length_ratio": False}
+                    "degenerate_rise": False, "length_ratio": False, "retention": True, "retention_drop": False,
+                    "rank_shift": False}
 
 
 def comparison_headline(result: dict) -> dict:
@@ -103,6 +106,12 @@ def warnings_for(head: dict, earlier: list[dict], eval_cfg, train: dict | None =
     if r is not None and r > 0 and max(r, 1 / r) > eval_cfg.warn_length_ratio:
         out.append(f"{name}: mean answer length is {r:.2f}x π_0's (beyond eval.warn_length_ratio="
                    f"{eval_cfg.warn_length_ratio})")
+    drop, r = head.get("retention_drop"), eval_cfg.retention
+    if drop is not None and r is not None and r.max_drop is not None and drop > r.max_drop:
+        out.append(f"{name}: retention of general knowledge fell from {head['initial_retention']:.3f} for π_0 to "
+                   f"{head['retention']:.3f} (a drop of {drop:.3f} ± {head.get('retention_drop_se') or 0:.3f}, more "
+                   f"than eval.retention.max_drop={r.max_drop}): the update made it forget; see retention in "
+                   "metrics.json for the items and subjects")
     train = train or {}
     loss, kl = train.get("last_step_loss"), train.get("kl_from_parent")
     if kl is not None and kl < 1e-4 and (loss is None or abs(loss - math.log(2)) < 1e-3):
@@ -122,8 +131,15 @@ def warnings_for(head: dict, earlier: list[dict], eval_cfg, train: dict | None =
     return out
 
 
+def promotion_conditions(eval_cfg) -> list[str]:
+    """`eval.promote_if`, and the forgetting gate where the retention probe is on."""
+    r = eval_cfg.retention
+    gate = [f"retention_drop <= {r.max_drop:g}"] if r is not None and r.max_drop is not None else []
+    return list(eval_cfg.promote_if) + [c for c in gate if c not in eval_cfg.promote_if]
+
+
 def promotion(head: dict, earlier: list[dict], conditions: list[str], versus: dict | None = None) -> dict:
-    """Whether the iteration is promoted: every `eval.promote_if` condition and, where `eval.gate` is on,
+    """Whether the iteration is promoted: every condition (`eval.promote_if`, the forgetting gate) and, where `eval.gate` is on,
     the head-to-head decision against the promoted policy (nash/gate.py); with one reason to read.
 
     An iteration whose evaluation has no usable annotation is never promoted, whatever the conditions.
@@ -147,13 +163,13 @@ def promotion(head: dict, earlier: list[dict], conditions: list[str], versus: di
     if versus is not None:
         checks += versus["checks"]
     if failed:
-        unmet = "eval.promote_if not met: " + "; ".join(failed)
+        unmet = "not met: " + "; ".join(failed)
         if versus is not None and not versus["promoted"]:
             return {"promoted": False, "checks": checks, "reason": f"{versus['reason']}; {unmet}"}
         return {"promoted": False, "checks": checks, "reason": f"refused: {unmet}"}
     if versus is not None:
         return {"promoted": versus["promoted"], "checks": checks, "reason": versus["reason"]}
-    return {"promoted": True, "checks": checks, "reason": "promoted: every eval.promote_if condition holds"}
+    return {"promoted": True, "checks": checks, "reason": "promoted: every promotion condition holds"}
 
 
 def decisions_text(heads: list[dict]) -> str:
@@ -175,6 +191,8 @@ def table_rows(heads: list[dict]) -> list[dict]:
         "degenerate (π_0)": f"{fmt(h.get('degenerate'))} ({fmt(h.get('initial_degenerate'))})",
         "length x π_0": fmt(h.get("length_ratio"), 2),
         "KL to π_0": fmt(h.get("kl_from_initial"), 4),
+        "rank shift": fmt(h.get("rank_shift")),
+        "retention (π_0)": f"{fmt(h.get('retention'))} ({fmt(h.get('initial_retention'))})",
         "perplexity": fmt(h.get("perplexity"), 2),
         "head to head": fmt_versus(h),
         "promoted": fmt_promoted(h),
@@ -222,12 +240,12 @@ def plot_run(run, heads: list[dict], title: str = "") -> Path | None:
     base = baseline_head(run) if heads and heads[0]["iteration"] == 1 else None
     if base:  # π_0's own degeneration figures, as every evaluation measured them
         base.update(substantive_pass_rate=heads[0].get("initial_substantive_pass_rate"),
-                    degenerate=heads[0].get("initial_degenerate"))
+                    degenerate=heads[0].get("initial_degenerate"), retention=heads[0].get("initial_retention"))
     return plot(([base] if base else []) + heads, run.plot_path, title)
 
 
 def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
-    """Win rate (± SE), LC win rate, real pass rate, degenerate share and mean answer length against
+    """Win rate (± SE), LC win rate, real pass rate, degenerate share, retention and mean answer length against
     iteration, the win rate against the policy each iteration had to beat, and which were promoted
     (star) or refused (x), as a PNG."""
     if not heads:
@@ -246,7 +264,8 @@ def plot(heads: list[dict], path: Path, title: str = "") -> Path | None:
     ax.plot(xs, [h.get("lc_win_rate") if h.get("lc_win_rate") is not None else float("nan") for h in heads],
             marker="s", label="LC win rate")
     for key, label, style, color in (("substantive_pass_rate", "real pass rate", "D-.", "tab:purple"),
-                                     ("degenerate", "degenerate share", "x:", "tab:red")):
+                                     ("degenerate", "degenerate share", "x:", "tab:red"),
+                                     ("retention", "retention (knowledge)", "P-", "tab:olive")):
         ys = [h.get(key) for h in heads]
         if any(y is not None for y in ys):
             ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, color=color, label=label)

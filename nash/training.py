@@ -1,4 +1,5 @@
-"""The contrastive update: TRL's DPOTrainer, KTOTrainer or CPOTrainer on the iteration's pairs.
+"""The update: TRL's DPOTrainer, KTOTrainer or CPOTrainer on the iteration's pairs, or SFTTrainer on
+their chosen answers (rejection-sampling fine-tuning, to compare forgetting with DPO's).
 
 The policy being trained starts as π_t. The reference is π_t (`train.reference: previous`)
 or π_0 (`initial`); either way its log-probabilities are computed once before the first
@@ -30,7 +31,8 @@ from nash.supervisor import Child, Progress
 
 
 def pairs_to_dataset(pairs: list[Pair], loss: str = "dpo"):
-    """Conversational rows: paired for DPO-family and CPO, unpaired halves (label True/False) for KTO."""
+    """Conversational rows: paired for DPO-family and CPO, unpaired halves (label True/False) for KTO, each
+    distinct chosen answer once as a prompt-completion row for SFT."""
     from datasets import Dataset
 
     def user(p):
@@ -44,6 +46,9 @@ def pairs_to_dataset(pairs: list[Pair], loss: str = "dpo"):
             {"prompt": user(p), "completion": reply(p.chosen), "label": True},
             {"prompt": user(p), "completion": reply(p.rejected), "label": False},
         )]
+    elif loss == "sft":
+        best = dict.fromkeys((p.prompt, p.chosen) for p in pairs)  # a prompt's several pairs share their chosen
+        rows = [{"prompt": user(q), "completion": reply(a)} for q, a in best]
     else:
         rows = [{"prompt": user(p), "chosen": reply(p.chosen), "rejected": reply(p.rejected)} for p in pairs]
     return Dataset.from_list(rows)
@@ -117,6 +122,12 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
         from trl.experimental.cpo import CPOTrainer as Trainer
 
         args = Config(**common, loss_type="sigmoid", cpo_alpha=cfg.cpo_alpha)
+    elif cfg.loss == "sft":
+        from trl import SFTConfig as Config
+        from trl import SFTTrainer as Trainer
+
+        common.pop("beta")
+        args = Config(**common, completion_only_loss=True)  # the prompt is context, not a target
     else:
         raise ValueError(f"train.loss: unknown loss {cfg.loss!r}")
     tokenizer = load_tokenizer(policy_path)
@@ -130,7 +141,7 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
     dataset = shared_dataset(pairs_to_dataset(pairs, cfg.loss), work_dir / "pairs.arrow")
     kwargs = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                   callbacks=list(callbacks), peft_config=peft_config)
-    if cfg.loss == "cpo":
+    if cfg.loss in ("cpo", "sft"):
         return Trainer(**kwargs)  # no reference
     ref_model = None
     if cfg.reference == "initial" and initial_path:
@@ -217,7 +228,7 @@ def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, 
     first, last = (logs[0], logs[-1]) if logs else ({}, {})
     return {
         "loss_function": train_cfg.loss,
-        "reference": "none" if train_cfg.loss == "cpo" else train_cfg.reference,
+        "reference": "none" if train_cfg.loss in ("cpo", "sft") else train_cfg.reference,
         "steps": trainer.state.global_step,
         "pairs": len(pairs),
         "train_loss": result.training_loss,

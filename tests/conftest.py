@@ -62,4 +62,6 @@ def tiny_overrides(tiny_model_dir, tiny_prompts):
         "judge.kind=rules",
         "train.epochs=1",
         "eval.gate=null",  # a tiny random policy beats nothing: the gate has tests of its own (test_gate.py)
+        "eval.retention.items=24",  # the whole probe and its gate have tests of their own (test_retention.py)
+        "eval.retention.max_drop=null",
     ]
