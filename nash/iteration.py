@@ -315,15 +315,18 @@ def reopen_failed_judgments(it: IterationDir) -> int:
                            f"roll back to {it.index - 1} and run again instead")
     if not it.judgments.is_file():
         return 0
-    records = read_jsonl(it.judgments, Judgment)
-    failed = {j.prompt_id for j in records if j.outcome == "failed"}
+    failed, records = set(), 0  # two streamed passes: the file may hold 600k judgments
+    for j in iter_jsonl(it.judgments, Judgment):
+        if j.outcome == "failed":
+            failed.add(j.prompt_id)
+            records += 1
     if not failed:
         return 0
-    write_jsonl(it.judgments, [j for j in records if j.prompt_id not in failed])
+    write_jsonl(it.judgments, (j for j in iter_jsonl(it.judgments, Judgment) if j.prompt_id not in failed))
     stages = {k: v for k, v in it.manifest().get("stages", {}).items() if k not in STAGES[1:]}
     it.update_manifest(stages=stages)
     log.info("%s: asking the judge again for %d prompt(s) with failed judgments", it.path.name, len(failed))
-    return sum(j.outcome == "failed" for j in records)
+    return records
 
 
 def select(iter_dir: str) -> str:

@@ -117,11 +117,14 @@ def option_logprobs(model_path: str, items: list[Item], dtype: str = "float32", 
     for start in range(0, len(order), batch_size):
         batch = [rows[r] for r in order[start : start + batch_size]]
         ids, attn = _pad([b[2] for b in batch], tok.pad_token_id, device)
+        # Position k predicts token k + 1; logits only from the first option token's predecessor on.
+        start = min(b[3] for b in batch) - 1
+        keep = torch.arange(start, ids.shape[1] - 1, device=device)
         with torch.inference_mode():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-        got = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # position k predicts token k + 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits.float(), -1)
+        got = logp.gather(-1, ids[:, keep + 1].unsqueeze(-1)).squeeze(-1)
         for b, (i, j, seq, first) in enumerate(batch):
-            out[i][j] = float(got[b, first - 1 : len(seq) - 1].sum())
+            out[i][j] = float(got[b, first - 1 - start : len(seq) - 1 - start].sum())
     return out
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 
 from nash.drift import token_kl
 from nash.lifeline import die_with_parent
 from nash.policy import resolve_policy
-from nash.records import Pair, Sample, read_jsonl, write_json
+from nash.records import Pair, Sample, iter_jsonl, read_jsonl, write_json
 from nash.registry import IterationDir
 from nash.supervisor import PROGRESS_TAG
 from nash.training import train_policy
@@ -23,11 +24,14 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def kl_sample(samples: list[Sample], n_prompts: int) -> tuple[list[str], list[str]]:
-    """The first policy-written candidate of each of the first `n_prompts` prompts."""
+def kl_sample(samples: Iterable[Sample], n_prompts: int) -> tuple[list[str], list[str]]:
+    """The first policy-written candidate of each of the first `n_prompts` prompts; reads no further
+    (samples.jsonl may hold 600k candidates)."""
     seen: dict[str, Sample] = {}
     for s in samples:
-        if s.policy != "reference" and s.prompt_id not in seen and len(seen) < n_prompts:
+        if len(seen) >= n_prompts:
+            break
+        if s.policy != "reference" and s.prompt_id not in seen:
             seen[s.prompt_id] = s
     return [s.prompt for s in seen.values()], [s.response for s in seen.values()]
 
@@ -49,7 +53,7 @@ def main(argv: list[str]) -> int:
     if not _is_main():
         return 0
     if cfg.train.kl_prompts:
-        prompts, responses = kl_sample(read_jsonl(it.samples, Sample), cfg.train.kl_prompts)
+        prompts, responses = kl_sample(iter_jsonl(it.samples, Sample), cfg.train.kl_prompts)
         kl = token_kl(str(it.policy), parent, prompts, responses, precision.drift_dtype,
                       max_length=cfg.train.max_length)
         metrics["kl_from_parent"] = kl["kl"]

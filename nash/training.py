@@ -35,22 +35,22 @@ def pairs_to_dataset(pairs: list[Pair], loss: str = "dpo"):
     distinct chosen answer once as a prompt-completion row for SFT."""
     from datasets import Dataset
 
-    def user(p):
-        return [{"role": "user", "content": p.prompt}]
+    def user(text):
+        return [{"role": "user", "content": text}]
 
     def reply(text):
         return [{"role": "assistant", "content": text}]
 
     if loss == "kto":
         rows = [row for p in pairs for row in (
-            {"prompt": user(p), "completion": reply(p.chosen), "label": True},
-            {"prompt": user(p), "completion": reply(p.rejected), "label": False},
+            {"prompt": user(p.prompt), "completion": reply(p.chosen), "label": True},
+            {"prompt": user(p.prompt), "completion": reply(p.rejected), "label": False},
         )]
     elif loss == "sft":
         best = dict.fromkeys((p.prompt, p.chosen) for p in pairs)  # a prompt's several pairs share their chosen
         rows = [{"prompt": user(q), "completion": reply(a)} for q, a in best]
     else:
-        rows = [{"prompt": user(p), "chosen": reply(p.chosen), "rejected": reply(p.rejected)} for p in pairs]
+        rows = [{"prompt": user(p.prompt), "chosen": reply(p.chosen), "rejected": reply(p.rejected)} for p in pairs]
     return Dataset.from_list(rows)
 
 

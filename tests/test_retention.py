@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from nash import report
 from nash import retention as probe
 from nash.config import EvalSection, TrainSection
-from nash.drift import RankShift, token_kl
+from nash.drift import RankShift, load_texts
 from nash.errors import UserError
 from nash.models import chat_text, load_tokenizer
 from nash.records import Pair
@@ -82,20 +82,33 @@ def test_rank_shift_against_a_hand_computed_case():
     assert [(m["token"], m["times"], m["mean_rank"]) for m in s["moved"]] == [(3, 1, 4.0), (1, 1, 3.0), (2, 1, 3.0)]
 
 
-def test_a_policy_ranks_its_own_greedy_answer_first(tiny_model_dir):
-    """π_t's greedy tokens all rank 1 under π_t itself: no shift; KL 0."""
+def test_a_policy_ranks_its_own_greedy_answer_first(tiny_model_dir, tmp_path):
+    """Greedy tokens rank 1 under the model that chose them, and not all of them under another."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = load_tokenizer(tiny_model_dir)
-    prompts = ["Say something.", "Name a colour."]
-    answers = []
-    for p in prompts:
-        ids = tok(chat_text(tok, p), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    got = token_kl(tiny_model_dir, tiny_model_dir, prompts, answers)
-    assert got["rank_shift"]["tokens"] > 0
-    # Decoding and re-encoding can split a token differently, so allow a stray one.
-    assert got["rank_shift"]["not_first_share"] <= 1 / got["rank_shift"]["tokens"] + 1e-9
+    head = tok(chat_text(tok, "Say something."), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ids = model.generate(head, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    mask = torch.zeros_like(ids[:, 1:])
+    mask[:, head.shape[1] - 1:] = 1  # positions that predict an answer token
+
+    def shift(m):
+        with torch.no_grad():
+            logq = torch.log_softmax(m(input_ids=ids).logits[:, :-1].float(), -1)
+        s = RankShift()
+        s.add(logq, ids[:, 1:], mask)
+        return s.summary(tok)
+
+    own = shift(model)
+    assert own["tokens"] == 12 and own["not_first_share"] == 0 and own["mean_log_rank"] == 0
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    moved = shift(other.eval())
+    assert moved["not_first_share"] > 0 and moved["moved"] and moved["mean_log_rank"] > 0
 
 
 def _teach(model_dir, items, out, steps=60):
@@ -128,15 +141,16 @@ def test_a_policy_made_to_forget_is_refused(tiny_model_dir, tmp_path):
     pi0 = _teach(tiny_model_dir, items, tmp_path / "pi0", steps=8 * len(items))
     before = probe.score(pi0, items)
     assert before["accuracy"] >= 0.75, before["accuracy"]
-    # A few steps of SFT on unrelated text, through nash's own update rule.
-    unrelated = [Pair(prompt_id=str(k), prompt=f"Continue the list {k}.", chosen="zq zq zq zq zq zq zq zq",
-                      rejected="-", chosen_candidate=0, rejected_candidate=1) for k in range(8)]
-    cfg = TrainSection(loss="sft", learning_rate=3e-2, epochs=2, batch_size=2, max_length=64, warmup_ratio=0.0)
+    # A few steps of SFT on unrelated text (the shipped general paragraphs), through nash's own update rule.
+    texts = load_texts("builtin")[:8]
+    unrelated = [Pair(prompt_id=str(k), prompt=f"Continue the text {k}.", chosen=t[:200], rejected="-",
+                      chosen_candidate=0, rejected_candidate=1) for k, t in enumerate(texts)]
+    cfg = TrainSection(loss="sft", learning_rate=1e-1, epochs=2, batch_size=2, max_length=64, warmup_ratio=0.0)
     metrics = train_policy(pi0, unrelated, tmp_path / "pi1", cfg)
     assert metrics["loss_function"] == "sft" and metrics["steps"] == 8 and metrics["reference"] == "none"
     after = probe.score(str(tmp_path / "pi1"), items)
     kept = probe.compare(after, before, items)
-    assert kept["drop"] >= 0.25 and kept["forgotten"] >= 4, kept
+    assert kept["drop"] >= 0.1 and kept["forgotten"] >= 2, kept
     assert kept["drop"] == pytest.approx(before["accuracy"] - after["accuracy"])
 
     eval_cfg = EvalSection(retention={"source": str(source), "max_drop": 0.02}, promote_if=[])
