@@ -474,6 +474,17 @@ class EvalSection(Section):
             parse_condition(c)
         return v
 
+    @model_validator(mode="after")
+    def _measured(self):
+        """A condition on a figure that is not measured could never hold."""
+        for c in self.promote_if:
+            metric = parse_condition(c)[0]
+            if metric in ("retention", "retention_drop") and self.retention is None:
+                raise ValueError(f"promote_if {c!r} needs eval.retention (it is null)")
+            if metric in ("kl_from_initial", "perplexity", "rank_shift") and not self.drift_prompts:
+                raise ValueError(f"promote_if {c!r} needs eval.drift_prompts > 0")
+        return self
+
 
 PROMOTE_METRICS = ("win_rate", "lc_win_rate", "pass_rate", "kl_from_initial", "perplexity", "mean_length",
                    "substantive_pass_rate", "degenerate", "degenerate_rise", "length_ratio", "retention",

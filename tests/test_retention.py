@@ -176,3 +176,10 @@ def test_sft_trains_on_each_chosen_answer_once(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="sft uses no reference model"):
         TrainSection(loss="sft", reference="initial")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_condition_on_a_figure_not_measured_is_a_config_error():
+    with pytest.raises(ValueError, match="needs eval.retention"):
+        EvalSection(retention=None, promote_if=["retention_drop <= 0.01"])
+    with pytest.raises(ValueError, match="needs eval.drift_prompts"):
+        EvalSection(drift_prompts=0, promote_if=["rank_shift <= 0.3"])
