@@ -136,6 +136,7 @@ def test_keep_policies_validation():
     assert load_config(None, ["run.keep_policies=2"]).run.keep_policies == 2
 
 
+@pytest.mark.slow  # half a minute; keeps the fast selection under 12 minutes on 2 cores
 def test_rollback_then_retention(tmp_path, tiny_overrides, capsys):
     from nash import iteration
     from nash.flows.cli import main

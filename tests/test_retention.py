@@ -37,7 +37,7 @@ def direct_logprob(model, tok, question, choice):
 
 def test_option_scores_match_a_direct_log_likelihood(tiny_model_dir):
     items = probe.load_items("builtin", 10)
-    got = probe.option_logprobs(tiny_model_dir, items, batch_size=7)  # batches mix items and pad
+    got = probe.option_logprobs(tiny_model_dir, items)  # options of unequal length share a padded batch
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = load_tokenizer(tiny_model_dir)
     for item, scores in zip(items, got):

@@ -29,4 +29,5 @@ def test_two_thousand_prompts_through_nash_run(tmp_path, tiny_model_dir):
     manifest = json.loads((it / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["prompt_partition"]["size"] == N
     assert all(s["cpu_seconds"] >= 0 for s in manifest["stages"].values())
-    assert row["peak_rss_mib"] > 0 and row["stages"]["judge"]["peak_rss_mib"] > 0
+    assert row["peak_pss_mib"] > 0 and row["stages"]["judge"]["peak_pss_mib"] > 0
+    assert row["peak_by_process_mib"]["nash run"]["pss"] > 0

@@ -105,6 +105,7 @@ def test_stages_on_two_pools_give_what_the_in_process_run_gives(tmp_path, tiny_o
     assert m["win_rate"] == ref_m["win_rate"] and m["lc_win_rate"] == ref_m["lc_win_rate"]
 
 
+@pytest.mark.slow  # over a minute on 2 cores; run by make test-slow
 def test_a_failed_child_stage_fails_the_round_by_name_and_the_next_round_resumes(tmp_path, tiny_overrides):
     refused = threading.Event()
     with OpenAIServer() as judge_server:
@@ -264,6 +265,7 @@ def test_stopping_the_round_cancels_its_running_child_and_the_next_round_trains_
     assert json.loads((runs / "stopped" / "iter_001" / "manifest.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow  # over a minute on 2 cores; run by make test-slow
 def test_nash_eval_waits_for_the_device_slot_a_stage_holds(tmp_path, tiny_overrides):
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL, temporary_settings
