@@ -88,6 +88,7 @@ def engine_processes() -> list[str]:
 LONG = [f"Summarize: {'the quick brown fox jumps over the lazy dog. ' * 30}({i})" for i in range(8)]
 
 
+@pytest.mark.slow  # 80-130 s on 2 cores; the fast selection keeps the vLLM evaluation test
 def test_shards_samples_chat_template_seed_and_resume(vllm_model_dir, tmp_path):
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=7)
     s = make(vllm_model_dir, tmp_path, shards=2, engine_args={"max_num_batched_tokens": 512})
