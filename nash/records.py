@@ -148,24 +148,32 @@ def iter_jsonl(path: str | os.PathLike, record: type[R]) -> Iterator[R]:
             raise RecordError(f"{where}: {loc}: {err['msg']}") from None
 
 
+def lines_at(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, raw line) for each line of a file, as a stream."""
+    with open(path, "rb") as f:
+        offset = 0
+        for raw in f:
+            yield offset, raw
+            offset += len(raw)
+
+
 def prompt_blocks(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Where each prompt's records lie in a JSONL file written prompt by prompt: {prompt id: (start,
     end)} byte offsets, read in one pass that keeps only the offsets."""
     blocks: dict[str, tuple[int, int]] = {}
-    pid, start, pos = None, 0, 0
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                this = json.loads(line)["prompt_id"]
-                if this != pid:
-                    if pid is not None:
-                        blocks[pid] = (start, pos)
-                    if this in blocks:
-                        raise RecordError(f"{path}: the records of prompt {this!r} are not contiguous")
-                    pid, start = this, pos
-            pos += len(line)
+    pid, start, end = None, 0, 0
+    for pos, line in lines_at(path):
+        end = pos + len(line)
+        if line.strip():
+            this = json.loads(line)["prompt_id"]
+            if this != pid:
+                if pid is not None:
+                    blocks[pid] = (start, pos)
+                if this in blocks:
+                    raise RecordError(f"{path}: the records of prompt {this!r} are not contiguous")
+                pid, start = this, pos
     if pid is not None:
-        blocks[pid] = (start, pos)
+        blocks[pid] = (start, end)
     return blocks
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nash.openai_client import UndecodableReply, create_completion, describe, make_client, read_api_key
-from nash.records import repair_jsonl
+from nash.records import lines_at, repair_jsonl
 from nash.sampling.base import Completion, SamplingParams, TokenCounter, throughput
 from nash.vllm_engine import EngineFailed
 
@@ -67,7 +67,7 @@ class OpenAISampler(TokenCounter):
                "top_p": params.top_p, "max_tokens": params.max_new_tokens, "seed": params.seed}
         if self.journal and self.journal.is_file():
             repair_jsonl(self.journal)
-            for offset, line in _lines_at(self.journal):  # a stream: a resumed 100k-prompt shard
+            for offset, line in lines_at(self.journal):  # a stream: a resumed 100k-prompt shard
                 with contextlib.suppress(ValueError, KeyError, IndexError):  # a line cut short by a crash
                     row = json.loads(line)
                     if row["key"] == key and row["prompt"] == prompts[row["index"]]:
@@ -114,15 +114,6 @@ class OpenAISampler(TokenCounter):
         if self.journal:
             return Journaled(self.journal, [done[i] for i in range(len(prompts))])
         return [done[i] for i in range(len(prompts))]
-
-
-def _lines_at(path: Path):
-    """(byte offset, line) for each line of a file, as a stream."""
-    with open(path, "rb") as f:
-        offset = 0
-        for raw in f:
-            yield offset, raw
-            offset += len(raw)
 
 
 class Journaled(Sequence):
