@@ -299,6 +299,26 @@ def cmd_rejudge(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    """Train a reward model on the run's own judgments; print its held-out agreement with the teacher."""
+    from nash import distill
+
+    run = _find_run(args)
+    with run_lock(run.path, "nash distill"):
+        out = distill.distill(run, args.iterations)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    print("\n".join(distill.summary_lines(report)))
+    print(f"model: {out / 'model'}  (judge.kind cascade, student.model distill:latest or distill:{out.name})")
+    return 0
+
+
+def _iterations(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: iteration numbers separated by commas, e.g. 1,2") from None
+
+
 def cmd_status(args) -> int:
     runs_dir = _runs_dir(args.runs_dir)
     if args.run:
@@ -374,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--iteration", type=int, help="this iteration (default: the last)")
     rj.add_argument("--runs-dir")
     rj.set_defaults(func=cmd_rejudge)
+    dist = sub.add_parser("distill", help="train a reward model on the run's own judgments (for judge.kind cascade)")
+    dist.add_argument("run", help="run name or directory")
+    dist.add_argument("--iterations", type=_iterations, help="iterations to learn from, e.g. 1,2 (default: every "
+                      "complete one)")
+    dist.add_argument("--runs-dir")
+    dist.set_defaults(func=cmd_distill)
+
     samples = sub.add_parser("samples", help="held-out answers of π_0, the previous and an iteration, side by side")
     samples.add_argument("run", help="run name or directory")
     samples.add_argument("--iteration", type=int, help="this iteration (default: the last complete one)")

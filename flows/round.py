@@ -6,12 +6,12 @@ import base64
 import json
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
+from nash import distill, report
 from nash import iteration as stages
-from nash import report
 from nash.flows.iteration import iteration_flow
 from nash.flows.stage import artifact_key
 from nash.registry import IterationDir, RunDir
@@ -57,6 +57,18 @@ def stage_failure(iter_dir: str) -> str | None:
     return " ".join(f"iteration {Path(iter_dir).name} failed: {m.get('error')}".split())
 
 
+@task(name="distill")
+def distill_task(run_dir: str) -> str:
+    """`distill.every`: a reward model on the judgments so far, for the next iterations' cascade judge."""
+    run = RunDir(run_dir)
+    out = distill.distill(run)
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    create_markdown_artifact("\n".join(f"- {line}" for line in distill.summary_lines(rep)),
+                             key=artifact_key("nash", run.name, out.name, "distill"),
+                             description=f"{run.name}: reward model {out.name}, held-out agreement with the teacher")
+    return str(out)
+
+
 def _round_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -81,6 +93,9 @@ def round_flow(run_dir: str, iterations: int) -> list[str]:
                 if failure:
                     log.error("%s; its finished stages are kept and the next round resumes it", failure)
                 raise  # the round ends Failed, with the stage's exception
+            if distill.due(run):
+                version = distill_task(run_dir)
+                log.info("distilled %s from the run's judgments", version)
         create_markdown_artifact(summary_markdown(run), key=artifact_key("nash", run.name, "summary"),
                                  description=f"round summary of {run.name}")
     return done

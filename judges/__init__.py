@@ -27,6 +27,10 @@ def build_judge(cfg, policy_path: str | None = None, precision=None, sampling=No
         from nash.judges.reward_model import RewardModelJudge
 
         return RewardModelJudge(cfg)
+    if kind == "cascade":
+        from nash.judges.cascade import build_cascade
+
+        return build_cascade(cfg, lambda c: build_judge(c, policy_path, precision, sampling, work_dir))
     if kind == "composite":
         from nash.judges.composite import CompositeJudge
 
@@ -84,6 +88,12 @@ def check_judge(cfg, section: str, prompts=(), annotating: bool = False) -> None
     if kind == "composite":
         for i, c in enumerate(cfg.components):
             check_judge(c, f"{section}.components[{i}]", prompts, annotating)
+    elif kind == "cascade":
+        from nash.distill import PREFIX
+
+        check_judge(cfg.teacher, f"{section}.teacher", prompts, annotating)
+        if not cfg.student.model.startswith(PREFIX):  # distill:...: the run's own, found when judging
+            check_model(resolve_policy(cfg.student.model), f"{section}.student.model")
     elif kind == "rules":
         from nash.judges.rules import check_prompts
 
@@ -124,10 +134,14 @@ def build_alpaca_eval_judge(cfg, annotator: str, model: str | None = None):
 
 def close_judge(judge) -> None:
     """Stop what a judge started (the `self` judge's vLLM server); judges without any are left as they are."""
-    for part in getattr(judge, "components", [judge]):
-        backend = getattr(getattr(part, "judge", part), "backend", None)
-        if hasattr(backend, "close"):
-            backend.close()
+    parts = getattr(judge, "components", None)
+    if parts is not None:
+        for part in parts:
+            close_judge(part)
+        return
+    backend = getattr(getattr(judge, "judge", judge), "backend", None)
+    if hasattr(backend, "close"):
+        backend.close()
 
 
 __all__ = ["Budget", "BudgetExhausted", "Judge", "build_alpaca_eval_judge", "build_judge", "check_judge", "close_judge"]

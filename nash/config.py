@@ -265,12 +265,59 @@ class CompositeJudge(Section):
         return self
 
 
+class CascadeJudge(Section):
+    kind: Literal["cascade"]
+    student: RewardModelJudge = Field(
+        ..., description="Scores every candidate: a reward model, by default the run's latest distilled one "
+        "(model: distill:latest, or distill:vNNN; `nash distill`).")
+    teacher: JudgeSection = Field(..., description="Judges the prompts the student is unsure of: any judge kind, "
+                                  "with its own cache and budget.")
+    agreement: float = Field(0.9, gt=0.0, le=1.0, description="The student decides a prompt when its decisive "
+                             "margin (best minus worst candidate) is at least the threshold at which it agreed "
+                             "with the teacher this often on the distillation's held-out prompts.")
+    threshold: float | None = Field(None, description="Decisive margin in the student's units; null: from "
+                                    "the distilled model's report at `agreement`. Needed for a reward model "
+                                    "nash did not distill.")
+    chunk_candidates: int = Field(256, ge=1, description="Candidates scored by the student per chunk; the "
+                                  "chunk's unsure prompts then go to the teacher together (its concurrency).")
+
+    @model_validator(mode="after")
+    def _teacher_is_not_a_cascade(self):
+        if self.teacher.kind == "cascade":
+            raise ValueError("teacher: a cascade's teacher cannot be another cascade")
+        return self
+
+
 JudgeSection = Annotated[
-    RulesJudge | QualityJudge | OpenAIJudge | SelfJudge | HFJudge | RewardModelJudge | CompositeJudge,
+    RulesJudge | QualityJudge | OpenAIJudge | SelfJudge | HFJudge | RewardModelJudge | CompositeJudge | CascadeJudge,
     Field(discriminator="kind"),
 ]
-JUDGE_KINDS = ("rules", "quality", "openai", "self", "hf", "reward_model", "composite")
+JUDGE_KINDS = ("rules", "quality", "openai", "self", "hf", "reward_model", "composite", "cascade")
 CompositeJudge.model_rebuild()
+CascadeJudge.model_rebuild()
+
+
+class DistillSection(Section):
+    """A reward model trained on the run's own judgments (`nash distill RUN`, or between iterations)."""
+
+    every: int = Field(0, ge=0, description="Distill after every N-th complete iteration, before the next one "
+                       "starts; 0: only when `nash distill` is run.")
+    backbone: LocalPath | None = Field(None, description="Model under the classification head; null: π_0 "
+                                       "(policy.model).")
+    holdout: float = Field(0.2, gt=0.0, lt=1.0, description="Share of prompts held out (split by prompt) "
+                           "for accuracy, calibration and the cascade's threshold.")
+    min_margin: float = Field(0.0, ge=0.0, description="Teacher score difference a pair needs; ties (and "
+                              "failed judgments) never make a pair.")
+    max_pairs_per_prompt: int = Field(6, ge=1, description="Largest-margin pairs kept per prompt, so prompts "
+                                      "with many candidates do not dominate.")
+    learning_rate: float = Field(2e-5, gt=0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=16, description="Tokens of prompt and answer; longer pairs are left out "
+                            "by TRL's RewardTrainer, and counted.")
+    center_rewards: float | None = Field(0.01, ge=0.0, description="TRL's center_rewards_coefficient: "
+                                         "rewards near zero, so scores compare across prompts.")
+    precision: Precision = Field("auto", description="As policy.precision.")
 
 
 class LengthGuard(Section):
@@ -554,13 +601,14 @@ class Config(Section):
     pairs: PairsSection = PairsSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    distill: DistillSection = DistillSection()
     stages: StagesSection = StagesSection()
 
     @model_validator(mode="after")
     def _cross_section(self):
         if self.pairs.rule != "spin" and self.sampling.n + self.sampling.include_reference < 2:
             raise ValueError(f"sampling.n: pairs.rule {self.pairs.rule} needs at least 2 candidates per prompt")
-        annotator = self.eval.judge or self.judge
+        annotator = self.annotator
         if self.eval.protocol == "alpaca_eval" and annotator.kind != "openai":
             where = "eval.judge" if self.eval.judge else "judge (eval.judge is unset)"
             raise ValueError(f"eval.protocol: alpaca_eval sends AlpacaEval's requests to an OpenAI-compatible "
@@ -571,6 +619,13 @@ class Config(Section):
                 f"({', '.join(PAIRED_LOSSES)}), not train.loss {self.train.loss}"
             )
         return self
+
+    @property
+    def annotator(self):
+        """The evaluation's judge section: eval.judge, or the run's judge (a cascade's teacher: the student
+        was trained to imitate it, not to measure)."""
+        jcfg = self.eval.judge or self.judge
+        return jcfg.teacher if jcfg.kind == "cascade" else jcfg
 
     def hash(self) -> str:
         """Hash of everything that shapes results (not how many iterations to run, nor what disk keeps)."""

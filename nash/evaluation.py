@@ -421,11 +421,11 @@ def side_by_side(prompts: list[Prompt], columns: dict[str, list[Sample]], n: int
 
 
 def eval_judge(cfg, precision=None, work_dir=None):
-    """The annotator: eval.judge or the run's judge, LM judges in pairwise mode; `self` is π_0.
+    """The annotator: eval.judge or the run's judge (a cascade's teacher), LM judges in pairwise mode; `self` is π_0.
 
     Close it with `close_judge`: with sampling.backend vllm the `self` annotator is a server.
     """
-    jcfg = cfg.eval.judge or cfg.judge
+    jcfg = cfg.annotator
     if cfg.eval.protocol == "alpaca_eval":
         return build_alpaca_eval_judge(jcfg, cfg.eval.alpaca_eval_annotator, cfg.eval.alpaca_eval_model)
     if jcfg.kind in ("openai", "self", "hf"):

@@ -24,6 +24,7 @@ from pathlib import Path
 from nash import evaluation
 from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
+from nash.distill import resolve_cascade
 from nash.errors import UserError
 from nash.judges import build_judge, close_judge
 from nash.judging import OUTCOMES, judge_samples
@@ -287,7 +288,8 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
             write_jsonl(it.judgments, [])
             return {"skipped": "pairs.rule spin needs no judge"}
         parts = {p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)}
-        judge_ = build_judge(cfg.judge, it.manifest()["parent_policy"]["path"], it.precision(), cfg.sampling,
+        jcfg, student = resolve_cascade(it.run, cfg.judge)
+        judge_ = build_judge(jcfg, it.manifest()["parent_policy"]["path"], it.precision(), cfg.sampling,
                              it.path / "judge_server")
         try:  # samples.jsonl is read as a stream, prompt by prompt; judgments are counted, not kept
             _, info = judge_samples(judge_, parts, it.samples, it.judgments, progress, keep=False)
@@ -295,12 +297,44 @@ def judge(iter_dir: str, progress: Progress | None = None) -> str:
             close_judge(judge_)
         counts, stop = info["counts"], {k: info[k] for k in ("unjudged_prompts", "budget_stop")}
         it.update_manifest(judge_outcomes=counts, judge_stop=stop)
+        if student is not None:
+            it.update_manifest(cascade={**student, "threshold": judge_.threshold, "routing": judge_.routing,
+                                        **cascade_summary(it.judgments, judge_.teacher)})
         if info["records"] and counts["failed"] == info["records"]:
             raise RuntimeError(f"every one of {info['records']} judgments failed (kept in {it.judgments}; the same "
                                f"command asks them again); the first: {info['first_error']}")
         return {**counts, **stop}
 
     return _run_stage(it, "judge", it.judgments, work)
+
+
+def cascade_summary(path: Path, teacher) -> dict:
+    """Prompts each judge decided, the teacher's requests and dollars, and what judging every prompt with
+    the teacher would have cost: its requests per prompt where it has a fixed count, otherwise the
+    mean of the prompts it judged."""
+    by: dict[str, str] = {}
+    k: dict[str, int] = {}
+    requests = cost = 0.0
+    for j in iter_jsonl(path, Judgment):
+        by[j.prompt_id] = j.details.get("decided_by", "teacher")
+        k[j.prompt_id] = k.get(j.prompt_id, 0) + 1
+        requests += j.requests
+        cost += j.cost_usd
+    student = [pid for pid, d in by.items() if d == "student"]
+    taught = len(by) - len(student)
+    per_prompt = getattr(teacher, "prompt_requests", None)
+    if per_prompt is not None:
+        saved_requests = sum(per_prompt(k[pid]) for pid in student)
+    else:
+        saved_requests = requests / taught * len(student) if taught else None
+    saved_usd = cost / requests * saved_requests if requests and saved_requests is not None else 0.0
+    return {"prompts_student": len(student), "prompts_teacher": taught,
+            "share_student": round(len(student) / len(by), 4) if by else None,
+            "teacher_requests": int(requests), "teacher_usd": round(cost, 6),
+            "requests_saved": None if saved_requests is None else round(saved_requests),
+            "usd_saved": round(saved_usd, 6),
+            "share_saved": round(saved_requests / (saved_requests + requests), 4)
+            if saved_requests is not None and saved_requests + requests else None}
 
 
 def reopen_failed_judgments(it: IterationDir) -> int:

@@ -223,17 +223,18 @@ def batch_limits(judge) -> list[tuple[int, Callable[[int], int]]]:
 
     A judge batches when it has `score_batch` and is judged one prompt at a time (concurrency 1:
     remote judges, alone or in a composite, keep their concurrency); its parts (a composite's
-    components) that give `batch_requests` size the chunks; rules give none.
+    components) that give `batch_requests` size the chunks, or the judge itself where it gives them
+    (a cascade); rules give none.
     """
     if not hasattr(judge, "score_batch") or getattr(judge, "concurrency", 1) > 1:
         return []
 
     def parts(j):
-        for c in getattr(j, "components", None) or [j]:
-            if c is j:
-                yield c
-            else:
-                yield from parts(c)
+        if getattr(j, "batch_requests", None) and hasattr(j, "prompt_requests"):
+            yield j  # sizes its own chunks (a cascade: the student's candidates)
+            return
+        for c in getattr(j, "components", None) or []:
+            yield from parts(c)
 
     return [(p.batch_requests, p.prompt_requests) for p in parts(judge)
             if getattr(p, "batch_requests", None) and hasattr(p, "prompt_requests")]

@@ -58,7 +58,9 @@ def preflight(cfg, run: RunDir) -> None:
 
     if cfg.pairs.rule != "spin" and "judge" not in remote:
         check_judge(cfg.judge, "judge", training)
-    annotator, section = (cfg.eval.judge, "eval.judge") if cfg.eval.judge else (cfg.judge, "judge")
+    annotator, section = cfg.annotator, "eval.judge" if cfg.eval.judge else "judge"
+    if annotator is not (cfg.eval.judge or cfg.judge):
+        section += ".teacher"
     if "evaluate" in remote:
         pass
     elif cfg.eval.protocol == "alpaca_eval":

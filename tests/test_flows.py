@@ -72,6 +72,34 @@ def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, t
     assert metrics["promotion"]["checks"][-1]["condition"] == "degenerate_rise <= 0.05"
 
 
+def test_a_round_distills_between_iterations_for_the_cascade(prefect_server, tmp_path, tiny_overrides):
+    """distill.every=1: iteration 1 has no student yet (the teacher judges), a reward model is distilled
+    from it before iteration 2, whose cascade loads it, scores every candidate and records who decided."""
+    from nash.flows.round import round_flow
+
+    cfg = load_config(None, tiny_overrides + [
+        "run.name=cascaded", "prompts.partition_size=10", "distill.every=1", "distill.holdout=0.4",
+        "distill.precision=fp32", "distill.max_length=64", "judge.kind=cascade", "judge.student.kind=reward_model",
+        "judge.student.model=distill:latest", "judge.student.precision=fp32", "judge.teacher.kind=rules",
+        "judge.threshold=1e9"])  # the student scores, the teacher decides: routing has tests of its own
+    run = RunDir.create(tmp_path, cfg)
+    round_flow(run_dir=str(run.path), iterations=2)
+    first, second = run.iterations()
+    assert first.complete and second.complete
+    assert first.manifest()["cascade"]["student"] is None
+    report = json.loads((run.path / "distill" / "v001" / "report.json").read_text())
+    assert report["iterations"] == [1]
+    record = second.manifest()["cascade"]
+    assert record["student"] == "distill/v001" and record["threshold"] == 1e9
+    assert record["prompts_teacher"] == 10 and record["prompts_student"] == 0
+    judged = read_jsonl(second.judgments, Judgment)
+    assert all(j.details["decided_by"] == "teacher" and j.details["student_score"] is not None for j in judged)
+    later = json.loads((run.path / "distill" / "v002" / "report.json").read_text())
+    assert later["iterations"] == [1, 2]  # after iteration 2 too, for the next round
+    arts = asyncio.run(_artifacts())
+    assert any(a.key == "nash-cascaded-v001-distill" for a in arts)
+
+
 @pytest.mark.slow
 def test_cli_demo_iteration_on_the_embedded_default(tmp_path):
     """One real iteration of the embedded SmolLM2 through `nash run` and Prefect."""
