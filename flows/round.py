@@ -12,6 +12,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 
 from nash import distill, report
 from nash import iteration as stages
+from nash.errors import UserError
 from nash.flows.iteration import iteration_flow
 from nash.flows.stage import artifact_key
 from nash.registry import IterationDir, RunDir
@@ -94,8 +95,11 @@ def round_flow(run_dir: str, iterations: int) -> list[str]:
                     log.error("%s; its finished stages are kept and the next round resumes it", failure)
                 raise  # the round ends Failed, with the stage's exception
             if distill.due(run):
-                version = distill_task(run_dir)
-                log.info("distilled %s from the run's judgments", version)
+                try:
+                    version = distill_task(run_dir)
+                    log.info("distilled %s from the run's judgments", version)
+                except UserError as e:  # too few pairs yet: the cascade keeps its last model, or the teacher
+                    log.warning("no reward model distilled after %s: %s", Path(iter_dir).name, e)
         create_markdown_artifact(summary_markdown(run), key=artifact_key("nash", run.name, "summary"),
                                  description=f"round summary of {run.name}")
     return done

@@ -308,7 +308,7 @@ class DistillSection(Section):
                            "for accuracy, calibration and the cascade's threshold.")
     min_margin: float = Field(0.0, ge=0.0, description="Teacher score difference a pair needs; ties (and "
                               "failed judgments) never make a pair.")
-    max_pairs_per_prompt: int = Field(6, ge=1, description="Largest-margin pairs kept per prompt, so prompts "
+    max_pairs_per_prompt: int = Field(4, ge=1, description="Largest-margin pairs kept per prompt, so prompts "
                                       "with many candidates do not dominate.")
     learning_rate: float = Field(2e-5, gt=0)
     epochs: int = Field(2, ge=1)

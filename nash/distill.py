@@ -255,6 +255,17 @@ def resolve_cascade(run: RunDir, jcfg):
     return jcfg, info
 
 
+def check_student(run: RunDir, jcfg) -> None:
+    """Before the first stage: a named version exists, and a student that nash did not distill comes with
+    `judge.threshold`."""
+    model = jcfg.student.model
+    if model.startswith(PREFIX):
+        student_path(run, model)
+    elif jcfg.threshold is None and read_report(model) is None:
+        raise UserError(f"judge.threshold: {model} has no distillation report (report.json beside it); set "
+                        "judge.threshold, the decisive margin in its units at which it decides alone")
+
+
 def routing_threshold(jcfg, report: dict | None) -> tuple[float | None, str]:
     """The decisive margin the cascade routes by (None: the teacher decides every prompt), and why."""
     if jcfg.threshold is not None:

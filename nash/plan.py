@@ -26,6 +26,8 @@ def _lm_judges(cfg) -> list:
     """The judge sections that ask a language model, through a composite's components."""
     if cfg.kind == "composite":
         return [j for c in cfg.components for j in _lm_judges(c)]
+    if cfg.kind == "cascade":  # planned as if the teacher judged every prompt: an upper bound
+        return _lm_judges(cfg.teacher)
     return [cfg] if cfg.kind in ("openai", "self", "hf") else []
 
 
@@ -111,7 +113,7 @@ def plan_iteration(cfg, run=None, prompts: int | None = None, tokens_per_second:
             judging["tokens_out"] += round(requests * tout)
             judging["usd"] += usd
     judging["usd"] = round(judging["usd"], 2)
-    budget = getattr(cfg.judge, "budget_usd", None)
+    budget = getattr(cfg.judge.teacher if cfg.judge.kind == "cascade" else cfg.judge, "budget_usd", None)
     judging["budget_usd"] = budget
 
     chars_per_token = 4.0

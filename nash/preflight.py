@@ -58,6 +58,10 @@ def preflight(cfg, run: RunDir) -> None:
 
     if cfg.pairs.rule != "spin" and "judge" not in remote:
         check_judge(cfg.judge, "judge", training)
+    if cfg.judge.kind == "cascade":
+        from nash.distill import check_student
+
+        check_student(run, cfg.judge)
     annotator, section = cfg.annotator, "eval.judge" if cfg.eval.judge else "judge"
     if annotator is not (cfg.eval.judge or cfg.judge):
         section += ".teacher"

@@ -59,6 +59,7 @@ def iteration_row(manifest: dict) -> dict:
         "weights": "deleted" if manifest.get("policy_deleted_at") else
                    "on disk" if manifest.get("status") in ("complete", "rolled_back") else "-",
         "judge $": f"{manifest.get('judge_spend', {}).get('iteration', {}).get('cost_usd', 0.0):.2f}",
+        "student decided": fmt(manifest["cascade"].get("share_student"), 2) if manifest.get("cascade") else "-",
         "seconds": round(sum(manifest.get("timings", {}).values())),
     }
 

@@ -266,3 +266,22 @@ def test_cascade_without_a_distilled_model_asks_the_teacher(tmp_path, tiny_model
     with pytest.raises(Exception, match="v009"):
         resolve_cascade(run, jcfg.model_copy(update={"student": jcfg.student.model_copy(
             update={"model": "distill:v009"})}))
+
+
+def test_preflight_names_a_missing_version_and_a_student_without_threshold(distilled, tiny_model_dir):
+    from nash.distill import check_student
+    from nash.errors import UserError
+
+    run, version = distilled
+
+    def section(model, *extra):
+        return load_config(None, ["judge.kind=cascade", "judge.student.kind=reward_model",
+                                  f"judge.student.model={model}", "judge.teacher.kind=rules", *extra]).judge
+
+    check_student(run, section("distill:latest"))
+    check_student(run, section(str(version / "model")))  # distilled by nash: its report gives the threshold
+    with pytest.raises(UserError, match="v007"):
+        check_student(run, section("distill:v007"))
+    with pytest.raises(UserError, match="judge.threshold"):
+        check_student(run, section(tiny_model_dir))
+    check_student(run, section(tiny_model_dir, "judge.threshold=1.5"))
