@@ -44,7 +44,9 @@ from nash.config import load_config  # noqa: E402
 from nash.records import Judgment, Pair, Prompt, Sample, iter_jsonl, read_jsonl, write_json  # noqa: E402
 from nash.registry import IterationDir, RunDir, now  # noqa: E402
 
-PAIR_KEYS = ("chosen_candidate", "rejected_candidate")
+# Two pairs a prompt, two epochs: the reward model trains in about 8 minutes on 2 cores
+# (a step of 8 pairs of the 135M backbone takes about 10 s here).
+DISTILL = ["distill.max_pairs_per_prompt=2", "distill.epochs=2", "distill.learning_rate=5e-5"]
 
 
 def nash(*args: str) -> dict:
@@ -57,12 +59,13 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fork_teacher_run(cascade: RunDir, runs_dir: Path, sets: list[str]) -> RunDir:
-    """The cascade run's directory under a teacher-only config: same iteration 1, its own judge."""
-    target = runs_dir / "teacher"
+def fork(source: RunDir, name: str, config: Path, sets: list[str], keep_distill: bool) -> RunDir:
+    """A copy of `source` (its iteration 1 and π_0's baseline) under another config and run name."""
+    target = source.path.parent / name
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(cascade.path, target, ignore=shutil.ignore_patterns("distill", "*.lock"))
-    cfg = load_config(ROOT / "configs" / "default.yaml", [*sets, "run.name=teacher"])
+    skip = () if keep_distill else ("distill",)
+    shutil.copytree(source.path, target, ignore=shutil.ignore_patterns(*skip, "iter_002", "lock"))
+    cfg = load_config(config, [*sets, f"run.name={name}"])
     write_json(target / "run.json", {"config_hash": cfg.hash(), "created_at": now(),
                                      "config": cfg.model_dump(mode="json")})
     return RunDir(target)
@@ -116,26 +119,41 @@ def embedded(runs_dir: Path, partition: int) -> dict:
     sets = [f"prompts.partition_size={partition}", "distill.every=0"]
     flags = [f for s in sets for f in ("--set", s)]
     timings = {}
-    timings["cascade_iter_1"] = nash("run", str(ROOT / "configs" / "cascade.yaml"), "--runs-dir", str(runs_dir),
-                                     "--iterations", "1", *flags)
     cascade = RunDir(runs_dir / "cascade")
-    timings["distill"] = nash("distill", "cascade", "--runs-dir", str(runs_dir))
+    if not IterationDir(cascade, 1).complete:  # the script resumes where a previous attempt stopped
+        timings["cascade_iter_1"] = nash("run", str(ROOT / "configs" / "cascade.yaml"), "--runs-dir", str(runs_dir),
+                                         "--iterations", "1", *flags)
+    if not (cascade.path / "distill" / "v001" / "report.json").is_file():
+        timings["distill"] = nash("distill", "cascade", "--runs-dir", str(runs_dir),
+                                  *[f for s in DISTILL for f in ("--set", s)])
     report = json.loads((cascade.path / "distill" / "v001" / "report.json").read_text())
-    teacher = fork_teacher_run(cascade, runs_dir, sets)
-    timings["cascade_iter_2"] = nash("run", str(ROOT / "configs" / "cascade.yaml"), "--runs-dir", str(runs_dir),
-                                     "--iterations", "1", *flags)
-    timings["teacher_iter_2"] = nash("run", str(ROOT / "configs" / "default.yaml"), "--runs-dir", str(runs_dir),
-                                     "--iterations", "1", *flags, "--set", "run.name=teacher")
-    c2, t2 = IterationDir(cascade, 2), IterationDir(teacher, 2)
+    # The run's own cascade decides at the threshold for agreement 0.9; where the held-out prompts never
+    # reached it the teacher decides every prompt, and iteration 2 would be the teacher's, so the arm
+    # compared is a cascade whose threshold is the held-out prompts' median decisive margin: the student
+    # decides about half (chosen on the held-out split, with no look at iteration 2).
+    table = report["routing"]["table"]
+    half = table[len(table) // 2 - 1][0]
+    covered = [ok for m, ok in table if m >= half]
+    teacher = fork(cascade, "teacher", ROOT / "configs" / "default.yaml", sets, keep_distill=False)
+    halved = fork(cascade, "half", ROOT / "configs" / "cascade.yaml", [*sets, f"judge.threshold={half}"],
+                  keep_distill=True)
+    for run, config in ((halved, "cascade.yaml"), (teacher, "default.yaml")):
+        timings[f"{run.name}_iter_2"] = nash("run", str(ROOT / "configs" / config), "--runs-dir", str(runs_dir),
+                                             "--iterations", "1", *flags, "--set", f"run.name={run.name}",
+                                             *(("--set", f"judge.threshold={half}") if run is halved else ()))
+    c2, t2 = IterationDir(halved, 2), IterationDir(teacher, 2)
     same_samples = sha(c2.samples) == sha(t2.samples)
     decided = {j.prompt_id: j.details.get("decided_by") for j in iter_jsonl(c2.judgments, Judgment)}
     cfg = teacher.config()
     agreement = pair_agreement(read_jsonl(c2.pairs, Pair), read_jsonl(t2.pairs, Pair), scores_of(t2.judgments),
                                decided, cfg.pairs.min_chosen_score, cfg.pairs.min_margin)
+    routing = {"at_agreement_0.9": report["routing"]["thresholds"]["0.9"], "median_threshold": half,
+               "median_heldout_coverage": len(covered) / len(table),
+               "median_heldout_agreement": sum(covered) / len(covered)}
     return {"report": {k: report[k] for k in ("train_prompts", "train_pairs", "heldout_prompts", "heldout_pairs",
                                               "accuracy", "accuracy_se", "calibration", "train")}
             | {"thresholds": report["routing"]["thresholds"], "agreement_all": report["routing"]["agreement_all"]},
-            "cascade_record": c2.manifest().get("cascade"), "same_samples": same_samples,
+            "routing": routing, "cascade_record": c2.manifest().get("cascade"), "same_samples": same_samples,
             "kept_pairs": agreement, "cascade": headline(c2), "teacher_only": headline(t2),
             "initial": {"real_pass_rate": headline(c2)["initial_real_pass_rate"],
                         "degenerate": headline(c2)["initial_degenerate"]},
@@ -183,7 +201,7 @@ def loopback(runs_dir: Path, cascade: RunDir) -> dict:
     from tests.openai_server import OpenAIServer
 
     prompts = {}
-    for it in cascade.iterations():
+    for it in (IterationDir(cascade, 1), IterationDir(RunDir(runs_dir / "teacher"), 2)):
         prompts.update({p.id: p for p in read_jsonl(it.path / "prompts.jsonl", Prompt)})
     stand_in = StandIn(prompts)
     os.environ.setdefault("OPENAI_API_KEY", "sk-loopback")
@@ -215,30 +233,33 @@ def loopback(runs_dir: Path, cascade: RunDir) -> dict:
         out["teach_iter_1"], _ = judge_with(cfg.judge.teacher, first.samples, first.judgments, "cache-teach-1")
         first.update_manifest(status="complete")
         with Interval() as span:
-            version = distill(run)
+            version = distill(run, overrides=DISTILL)
         report = json.loads((version / "report.json").read_text())
         out["report"] = {k: report[k] for k in ("train_pairs", "heldout_prompts", "heldout_pairs", "accuracy",
                                                  "accuracy_se", "calibration")} | {
             "thresholds": report["routing"]["thresholds"], "distill": span.record()}
-        second = IterationDir(cascade, 2).samples
+        second = IterationDir(RunDir(runs_dir / "teacher"), 2).samples
         work = runs_dir / "loopback-iter2"
         work.mkdir(exist_ok=True)
         teacher_counts, t_teacher = judge_with(cfg.judge.teacher, second, work / "teacher.jsonl", "cache-teacher-2")
-        jcfg, _ = resolve_cascade(run, cfg.judge)
-        cascade_counts, t_cascade = judge_with(jcfg, second, work / "cascade.jsonl", "cache-cascade-2")
         samples = read_jsonl(second, Sample)
         t_pairs, _ = select_pairs(samples, read_jsonl(work / "teacher.jsonl", Judgment), 5, 2)
-        c_judged = read_jsonl(work / "cascade.jsonl", Judgment)
-        c_pairs, _ = select_pairs(samples, c_judged, 5, 2)
-        decided = {j.prompt_id: j.details.get("decided_by") for j in c_judged}
-        out["iter_2"] = {
-            "prompts": len(decided), "student_decided": sum(d == "student" for d in decided.values()),
-            "teacher_alone": {**{k: teacher_counts[k] for k in ("requests", "cost_usd", "server_requests")},
-                              "seconds": round(t_teacher, 1)},
-            "cascade": {**{k: cascade_counts[k] for k in ("requests", "cost_usd", "server_requests")},
-                        "seconds": round(t_cascade, 1)},
-            "kept_pairs": pair_agreement(c_pairs, t_pairs, scores_of(work / "teacher.jsonl"), decided, 5, 2),
-        }
+        t_scores = scores_of(work / "teacher.jsonl")
+        table = report["routing"]["table"]
+        half = table[len(table) // 2 - 1][0]
+        out["iter_2"] = {"teacher_alone": {**{k: teacher_counts[k] for k in ("requests", "cost_usd", "server_requests")},
+                                           "seconds": round(t_teacher, 1), "pairs": len(t_pairs)},
+                         "median_threshold": half}
+        for arm, threshold in (("cascade_at_0.9", None), ("cascade_at_median", half)):
+            jcfg, _ = resolve_cascade(run, cfg.judge.model_copy(update={"threshold": threshold}))
+            counts, seconds = judge_with(jcfg, second, work / f"{arm}.jsonl", f"cache-{arm}")
+            judged = read_jsonl(work / f"{arm}.jsonl", Judgment)
+            c_pairs, _ = select_pairs(samples, judged, 5, 2)
+            decided = {j.prompt_id: j.details.get("decided_by") for j in judged}
+            out["iter_2"][arm] = {
+                **{k: counts[k] for k in ("requests", "cost_usd", "server_requests")}, "seconds": round(seconds, 1),
+                "prompts": len(decided), "student_decided": sum(d == "student" for d in decided.values()),
+                "kept_pairs": pair_agreement(c_pairs, t_pairs, t_scores, decided, 5, 2)}
     return out
 
 
@@ -251,7 +272,7 @@ def main() -> None:
     args = ap.parse_args()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="nash-distill-"))
     runs_dir.mkdir(parents=True, exist_ok=True)
-    result = {"machine": describe(), "partition": args.partition, "runs_dir": str(runs_dir)}
+    result = {"machine": describe(), "partition": args.partition, "runs_dir": str(runs_dir), "distill": DISTILL}
     result["embedded"] = embedded(runs_dir, args.partition)
     write_json(Path(args.out), result)
     if not args.skip_loopback:

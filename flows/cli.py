@@ -305,7 +305,7 @@ def cmd_distill(args) -> int:
 
     run = _find_run(args)
     with run_lock(run.path, "nash distill"):
-        out = distill.distill(run, args.iterations)
+        out = distill.distill(run, args.iterations, overrides=args.set or [])
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     print("\n".join(distill.summary_lines(report)))
     print(f"model: {out / 'model'}  (judge.kind cascade, student.model distill:latest or distill:{out.name})")
@@ -398,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("run", help="run name or directory")
     dist.add_argument("--iterations", type=_iterations, help="iterations to learn from, e.g. 1,2 (default: every "
                       "complete one)")
+    dist.add_argument("--set", action="append", metavar="distill.KEY=VALUE",
+                      help="a distill key for this version only, e.g. distill.epochs=1 (repeatable)")
     dist.add_argument("--runs-dir")
     dist.set_defaults(func=cmd_distill)
 

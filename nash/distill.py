@@ -80,10 +80,11 @@ def held_out(prompt_id: str, share: float, seed: int) -> bool:
     return h / 16**12 < share
 
 
-def teacher_data(run: RunDir, iterations: list[IterationDir], cfg, out_dir: Path) -> dict:
+def teacher_data(run: RunDir, iterations: list[IterationDir], d, out_dir: Path) -> dict:
     """Write pairs.jsonl (training prompts) and heldout.jsonl (held-out prompts with every scored
-    candidate and the pairs), streaming the samples; return counts and the sources' sha256."""
-    seed, d = run.config().run.seed, cfg.distill
+    candidate and the pairs), streaming the samples; return counts and the sources' sha256.
+    `d`: the distill section."""
+    seed = run.config().run.seed
     counts = dict.fromkeys(("train_prompts", "train_pairs", "heldout_prompts", "heldout_pairs",
                             "prompts_without_pairs", "candidates_failed_or_student"), 0)
     sources = {}
@@ -99,11 +100,14 @@ def teacher_data(run: RunDir, iterations: list[IterationDir], cfg, out_dir: Path
                     1 for c in by_candidate if c not in mine or mine[c][0] is None and not mine[c][1])
                 pairs = prompt_pairs({c: v for c, v in mine.items() if c in by_candidate},
                                      d.min_margin, d.max_pairs_per_prompt)
-                if not pairs:
-                    counts["prompts_without_pairs"] += 1
-                    continue
+                counts["prompts_without_pairs"] += not pairs
+                scored = sum(1 for c in by_candidate if c in mine and mine[c][0] is not None)
                 prompt = group[0].prompt
                 if held_out(pid, d.holdout, seed):
+                    if scored < 2:
+                        continue
+                    # A held-out prompt whose candidates the teacher tied counts for routing: a student sure
+                    # of a pair there disagrees with the teacher, who would keep none.
                     counts["heldout_prompts"] += 1
                     counts["heldout_pairs"] += len(pairs)
                     held_f.write(json.dumps({
@@ -111,6 +115,8 @@ def teacher_data(run: RunDir, iterations: list[IterationDir], cfg, out_dir: Path
                         "candidates": [{"candidate": c, "response": s.response, "teacher": mine[c][0]}
                                        for c, s in sorted(by_candidate.items()) if c in mine],
                         "pairs": [[c, r] for c, r, _ in pairs]}) + "\n")
+                    continue
+                if not pairs:
                     continue
                 counts["train_prompts"] += 1
                 counts["train_pairs"] += len(pairs)
@@ -284,9 +290,32 @@ def routing_threshold(jcfg, report: dict | None) -> tuple[float | None, str]:
 # -- training --------------------------------------------------------------------------
 
 
-def distill(run: RunDir, iterations: list[int] | None = None, progress: Progress | None = None) -> Path:
-    """Train a new version on the judgments of `iterations` (default: every complete one); return its directory."""
+def settings(cfg, overrides: list[str] = ()):
+    """The run's distill section with `distill.KEY=VALUE` overrides for one version (they shape no iteration)."""
+    from pydantic import ValidationError
+
+    from nash.config import DistillSection, parse_override
+
+    data = cfg.distill.model_dump()
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) != 2 or keys[0] != "distill":
+            raise UserError(f"--set {item}: nash distill takes distill.KEY=VALUE only")
+        data[keys[1]] = value
+    try:
+        return DistillSection(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"--set distill.{key}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+
+
+def distill(run: RunDir, iterations: list[int] | None = None, progress: Progress | None = None,
+            overrides: list[str] = ()) -> Path:
+    """Train a new version on the judgments of `iterations` (default: every complete one), with the run's
+    distill section and `overrides` (distill.KEY=VALUE); return its directory."""
     cfg = run.config()
+    d = settings(cfg, overrides)
     done = run.lineage() if iterations is None else [IterationDir(run, i) for i in iterations]
     for it in done:
         if not it.complete:
@@ -299,7 +328,7 @@ def distill(run: RunDir, iterations: list[int] | None = None, progress: Progress
     out = root / f"v{index:03d}.partial"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    data = teacher_data(run, done, cfg, out)
+    data = teacher_data(run, done, d, out)
     counts = data["counts"]
     if counts["train_pairs"] < 2 or counts["heldout_prompts"] < 1:
         shutil.rmtree(out)
@@ -308,14 +337,14 @@ def distill(run: RunDir, iterations: list[int] | None = None, progress: Progress
                         "check a reward model (distill.min_margin, distill.holdout)")
     from nash.policy import resolve_policy
 
-    backbone = resolve_policy(cfg.distill.backbone or cfg.policy.model)
-    write_json(out / "spec.json", {"backbone": backbone, "distill": cfg.distill.model_dump(mode="json"),
-                                   "seed": cfg.run.seed})
+    backbone = resolve_policy(d.backbone or cfg.policy.model)
+    write_json(out / "spec.json", {"backbone": backbone, "distill": d.model_dump(mode="json"), "seed": cfg.run.seed})
     trained = _train_in_subprocess(out, progress)
     heldout = [json.loads(line) for _, line in read_lines(out / "heldout.jsonl") if line.strip()]
     scores = {(r["prompt_id"], r["candidate"]): r["score"]
               for _, line in read_lines(out / "student_scores.jsonl") if line.strip() for r in [json.loads(line)]}
     report = {"version": out.name.removesuffix(".partial"), "created": now(), "backbone": backbone,
+              "settings": d.model_dump(mode="json"),
               "iterations": [it.index for it in done], "sources": data["sources"], **counts,
               "train": trained, **student_report(heldout, scores)}
     write_json(out / "report.json", report)

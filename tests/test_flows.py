@@ -81,7 +81,8 @@ def test_a_round_distills_between_iterations_for_the_cascade(prefect_server, tmp
         "run.name=cascaded", "prompts.partition_size=10", "distill.every=1", "distill.holdout=0.4",
         "distill.precision=fp32", "distill.max_length=64", "judge.kind=cascade", "judge.student.kind=reward_model",
         "judge.student.model=distill:latest", "judge.student.precision=fp32", "judge.teacher.kind=rules",
-        "judge.threshold=1e9"])  # the student scores, the teacher decides: routing has tests of its own
+        "judge.threshold=1e9",  # the student scores, the teacher decides: routing has tests of its own
+        "eval.drift_prompts=0", "train.kl_prompts=0", "eval.retention=null"])
     run = RunDir.create(tmp_path, cfg)
     round_flow(run_dir=str(run.path), iterations=2)
     first, second = run.iterations()
