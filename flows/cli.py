@@ -312,6 +312,27 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    """Upload a policy and its model card to the Hugging Face Hub, a branch per iteration."""
+    from nash.card import push
+    from nash.registry import IterationDir
+
+    run = _find_run(args)
+    if args.iteration is not None:
+        it = IterationDir(run, args.iteration)
+    else:
+        it = run.promoted() or run.last_complete()
+    if it is None or not it.complete:
+        raise UserError(f"nash push: no complete iteration {args.iteration or ''} in {run.path}".replace("  ", " "))
+    out = push(it, args.repo_id, private=not args.public, revision=args.revision, dry_run=args.dry_run)
+    what = "would upload" if args.dry_run else "uploaded"
+    print(f"nash: {what} {it.path.name} of {run.name} to {out['repo_id']}@{out['revision']} "
+          f"({'private' if out['private'] else 'public'}): " + ", ".join(f"{k} ({v:,} B)" for k, v in out["files"].items()))
+    if out.get("url"):
+        print(out["url"])
+    return 0
+
+
 def _iterations(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -402,6 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a distill key for this version only, e.g. distill.epochs=1 (repeatable)")
     dist.add_argument("--runs-dir")
     dist.set_defaults(func=cmd_distill)
+
+    push = sub.add_parser("push", help="upload a policy and its model card to the Hugging Face Hub")
+    push.add_argument("run", help="run name or directory")
+    push.add_argument("--iteration", type=int, help="this iteration (default: the promoted one, else the last)")
+    push.add_argument("--repo-id", required=True, help="the Hub repository, e.g. my-org/my-policy")
+    push.add_argument("--revision", help="branch (default: iter_NNN, one per iteration)")
+    push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    push.add_argument("--dry-run", action="store_true", help="print what would be uploaded; no network")
+    push.add_argument("--runs-dir")
+    push.set_defaults(func=cmd_push)
 
     samples = sub.add_parser("samples", help="held-out answers of π_0, the previous and an iteration, side by side")
     samples.add_argument("run", help="run name or directory")

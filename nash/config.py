@@ -32,7 +32,7 @@ class Section(BaseModel):
 
 
 UNHASHED = ("iterations", "keep_policies")  # run keys a command may change on an existing run
-UNHASHED_SECTIONS = ("stages",)  # where stages run does not shape what they produce
+UNHASHED_SECTIONS = ("stages", "tracking")  # where stages run and figures are logged shape no result
 
 
 def _absolute_if_local(value: str | None) -> str | None:
@@ -561,6 +561,21 @@ class StagePool(Section):
         "round's and a manual `nash eval`'s) share a device. null: no slot.")
 
 
+class TrackingSection(Section):
+    """An experiment tracker (nash/tracking.py). Where figures are logged shapes no result: not hashed."""
+
+    kind: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none", description="mlflow: one MLflow run per nash run, a nested run per iteration; tensorboard: event "
+        "files under `dir`. Install with `pip install 'nash[tracking]'`.")
+    uri: str | None = Field(None, description="mlflow: the tracking URI, e.g. http://127.0.0.1:5000; null: "
+                            "MLFLOW_TRACKING_URI, else ./mlruns.")
+    experiment: str | None = Field(None, description="mlflow: the experiment; null: the run's name.")
+    dir: LocalPath | None = Field(None, description="tensorboard: the log directory; null: RUN/tensorboard.")
+    on_error: Literal["fail", "warn"] = Field(
+        "fail", description="fail: a tracker that cannot be reached stops the round before its first stage; "
+        "warn: nash logs a warning and goes on, and logs the missed iterations when it answers again.")
+
+
 class StagesSection(Section):
     """Stages mapped to work pools run as Prefect deployments (`nash deploy`); the others run in the round's process."""
 
@@ -602,6 +617,7 @@ class Config(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     distill: DistillSection = DistillSection()
+    tracking: TrackingSection = TrackingSection()
     stages: StagesSection = StagesSection()
 
     @model_validator(mode="after")

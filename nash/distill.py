@@ -26,18 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from nash.errors import UserError
 from nash.records import Judgment, Sample, fsync_dir, grouped, iter_jsonl, read_lines, write_json
 from nash.registry import IterationDir, RunDir, now, sha256_file
-from nash.supervisor import Child, Progress
+from nash.supervisor import Progress
 
 PREFIX = "distill:"
 TARGETS = (0.8, 0.85, 0.9, 0.95)  # agreement targets the report gives thresholds for
@@ -355,24 +352,10 @@ def distill(run: RunDir, iterations: list[int] | None = None, progress: Progress
 
 
 def _train_in_subprocess(out: Path, progress: Progress | None) -> dict:
-    log_path, result = out / "train.log", out / "train.json"
-    bar = tqdm(desc="distilling", unit="step", leave=False)
+    from nash.training import run_worker
 
-    def on_progress(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
-        if progress:
-            progress(done, total)
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "nash.lifeline", sys.executable, "-m", "nash.distill_worker", str(out)]
-    with Child(command, log_path, env, on_progress, tail=20) as worker:
-        rc = worker.follow()
-        tail = list(worker.tail)
-    bar.close()
-    if rc != 0 or not result.is_file():
-        raise RuntimeError(f"distillation subprocess exited with status {rc}; see {log_path}:\n  " + "\n  ".join(tail))
-    return json.loads(result.read_text(encoding="utf-8"))
+    return run_worker(command, {}, out / "train.log", out / "train.json", "distilling", progress)
 
 
 def due(run: RunDir) -> bool:

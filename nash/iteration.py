@@ -21,9 +21,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from nash import evaluation
+from nash import evaluation, tracking
 from nash import pairs as pair_rules
 from nash import prompts as prompt_sources
+from nash.card import write_card
 from nash.distill import resolve_cascade
 from nash.errors import UserError
 from nash.judges import build_judge, close_judge
@@ -117,6 +118,7 @@ def prepare(run_dir: str) -> str:
     """Open the next iteration: fix its parent policy and its fresh prompt partition."""
     run = RunDir(run_dir)
     cfg = run.config()
+    tracking.sync(run)  # iterations a tracker missed while it was down
     it = run.next_iteration()
     if it.manifest():
         stages = it.manifest().get("stages", {})
@@ -436,6 +438,7 @@ def finalize(iter_dir: str) -> str:
     earlier = [p.manifest().get("judge_spend", {}).get("iteration", {}) for p in it.run.iterations()
                if p.index < it.index and (p.complete or p.rolled_back)]
     run_total = {k: sum(e.get(k, 0) for e in earlier) + spend[k] for k in USAGE}
+    write_card(it)  # policy/README.md, hashed with the weights
     it.update_manifest(
         judge_spend={"iteration": spend, "run": run_total},
         files=it.file_hashes(),
@@ -452,6 +455,7 @@ def finalize(iter_dir: str) -> str:
     )
     if metrics["headline"]["promoted"]:
         it.run.record_promotion(metrics["headline"], it.policy)
+    tracking.sync(it.run)
     for gone in it.run.prune_policies(it.run.config().run.keep_policies):
         log.info("run.keep_policies=%s: deleted the weights of %s", it.run.config().run.keep_policies, gone.path.name)
     return str(it.manifest_path)

@@ -58,6 +58,9 @@ def preflight(cfg, run: RunDir) -> None:
 
     if cfg.pairs.rule != "spin" and "judge" not in remote:
         check_judge(cfg.judge, "judge", training)
+    from nash import tracking
+
+    tracking.check(cfg)
     if cfg.judge.kind == "cascade":
         from nash.distill import check_student
 

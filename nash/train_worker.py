@@ -17,6 +17,7 @@ from nash.policy import resolve_policy
 from nash.records import Pair, Sample, iter_jsonl, read_jsonl, write_json
 from nash.registry import IterationDir
 from nash.supervisor import PROGRESS_TAG
+from nash.tracking import report_to
 from nash.training import train_policy
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
 
     metrics = train_policy(parent, read_jsonl(it.pairs, Pair), it.policy, cfg.train, cfg.pairs.length_guard,
                            precision, seed=cfg.run.seed * 1000 + it.index, initial_path=initial,
-                           progress=progress)
+                           progress=progress, report_to=report_to(cfg))
     if not _is_main():
         return 0
     if cfg.train.kl_prompts:

@@ -73,7 +73,8 @@ def shared_dataset(dataset, path: Path):
 
 
 def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg, length_guard=None,
-                  precision: Precision | None = None, seed: int = 0, initial_path: str | None = None, callbacks=()):
+                  precision: Precision | None = None, seed: int = 0, initial_path: str | None = None, callbacks=(),
+                  report_to: str | list[str] = "none"):
     """The TRL trainer for `train.loss`, configured from the train section.
 
     The weights load in `precision.weights` and TRL's bf16/fp16 arguments put the forward and
@@ -93,7 +94,7 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
         lr_scheduler_type="linear",
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
+        report_to=report_to,  # the run's tracker (tracking.kind); its callback reads where from the environment
         disable_tqdm=True,
         seed=seed,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -207,7 +208,7 @@ def save_policy(trainer, out_dir: Path, policy_path: str, lora: bool, precision:
 
 def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, length_guard=None,
                  precision: Precision | None = None, seed: int = 0, initial_path: str | None = None,
-                 progress: Progress | None = None) -> dict:
+                 progress: Progress | None = None, report_to: str | list[str] = "none") -> dict:
     """Train π_t on `pairs`, save π_{t+1} to `out_dir` (HF format, LoRA merged), return training metrics."""
     from transformers import TrainerCallback
 
@@ -219,7 +220,7 @@ def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, 
     work = out_dir.with_name(out_dir.name + ".trainer")
     precision = precision or resolve("fp32")
     trainer = build_trainer(policy_path, pairs, work, train_cfg, length_guard, precision, seed, initial_path,
-                            [_Report()])
+                            [_Report()], report_to)
     result = trainer.train()
     weights_dtype = save_policy(trainer, out_dir, policy_path, train_cfg.lora is not None, precision)
     shutil.rmtree(work, ignore_errors=True)
@@ -359,8 +360,20 @@ def train_in_subprocess(iter_dir: Path, train_cfg, progress: Progress | None = N
     """
     log_path, result_path = iter_dir / "train.log", iter_dir / "train.json"
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    bar = tqdm(desc="training", unit="step", leave=False)
+    from nash import tracking
+    from nash.registry import IterationDir
+
+    command, extra = worker_command(iter_dir, train_cfg)
+    extra.update(tracking.trainer_env(IterationDir.from_path(iter_dir)))
+    return run_worker(command, extra, log_path, result_path, "training", progress)
+
+
+def run_worker(command: list[str], env: dict, log_path: Path, result_path: Path, what: str,
+               progress: Progress | None = None) -> dict:
+    """Run a worker that reports `nash-train-progress` lines and writes its figures to `result_path`;
+    a bar in the terminal, its output in `log_path`, its process group killed on any way out."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **env}
+    bar = tqdm(desc=what, unit="step", leave=False)
 
     def on_progress(done: int, total: int) -> None:
         bar.total, bar.n = total, done
@@ -368,13 +381,12 @@ def train_in_subprocess(iter_dir: Path, train_cfg, progress: Progress | None = N
         if progress:
             progress(done, total)
 
-    command, extra = worker_command(iter_dir, train_cfg)
-    with Child(command, log_path, {**env, **extra}, on_progress, tail=20) as worker:
+    with Child(command, log_path, env, on_progress, tail=20) as worker:
         rc = worker.follow()
         tail = list(worker.tail)
     bar.close()
     if rc != 0 or not result_path.is_file():
-        raise RuntimeError(f"training subprocess exited with status {rc}; see {log_path}:\n  " + "\n  ".join(tail))
+        raise RuntimeError(f"{what} subprocess exited with status {rc}; see {log_path}:\n  " + "\n  ".join(tail))
     return json.loads(result_path.read_text(encoding="utf-8"))
 
 

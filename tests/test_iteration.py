@@ -11,7 +11,7 @@ from nash.records import Judgment, Pair, Prompt, Sample, read_jsonl
 from nash.registry import RunDir, sha256_file
 
 
-def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_overrides):
+def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_overrides, capsys):
     cfg = load_config(None, tiny_overrides + ["run.name=t", "pairs.replay=[0.3]", "train.learning_rate=1e-3"])
     run = RunDir.create(tmp_path, cfg)
     first = iteration.run_iteration(str(run.path))
@@ -75,6 +75,28 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
     assert {s.policy for s in read_jsonl(it2.samples, Sample)} == {"iter_001"}
     # π_0's held-out answers are generated once and shared by every iteration.
     assert (run.baseline_dir / "eval" / "samples.jsonl").is_file()
+    # A model card beside each policy, valid Hub metadata whose figures are metrics.json's, hashed with the weights.
+    from huggingface_hub import ModelCard
+
+    for it in (it1, it2):
+        card = ModelCard.load(it.policy / "README.md")
+        meta, head = card.data.to_dict(), json.loads(it.metrics.read_text())["headline"]
+        assert meta["library_name"] == "transformers" and {"nash", "dpo", "pairs-dno"} <= set(meta["tags"])
+        assert "base_model" not in meta  # π_0 is a local directory here: no hub id to name
+        figures = meta["nash"]["metrics"]
+        assert figures and all(figures[k] == head[k] for k in figures)
+        assert meta["nash"]["iteration"] == it.index and meta["nash"]["config_hash"] == cfg.hash()
+        assert f"| real pass rate | {head['substantive_pass_rate']:.3f} |" in card.text
+        assert it.manifest()["files"]["policy/README.md"] == sha256_file(it.policy / "README.md")
+    assert "π_0 → iter_001 → iter_002" in ModelCard.load(it2.policy / "README.md").text
+    # `nash push --dry-run`: the promoted policy, its card, a private repo and a branch per iteration; no network.
+    from nash.flows.cli import main
+
+    capsys.readouterr()
+    assert main(["push", str(run.path), "--repo-id", "me/policy", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would upload iter_002 of t to me/policy@iter_002 (private)" in out
+    assert "README.md" in out and "model.safetensors" in out
 
 
 def test_failed_stage_is_recorded_and_resumed(tmp_path, tiny_overrides, monkeypatch):

@@ -1,0 +1,200 @@
+"""Experiment trackers: every iteration where a team already looks.
+
+TRL's per-step training logs go to the tracker through `report_to`, from the training
+subprocess (the environment below says where). nash logs each complete iteration's figures
+itself, with the iteration as the step:
+
+- `mlflow`: one MLflow run per nash run, tagged with the config hash, holding the iteration
+  figures; one nested run per iteration holding its training steps. Run ids are kept in
+  RUN/tracking.json, so a resumed or scheduled round logs into the same runs.
+- `tensorboard`: event files under `tracking.dir` (default RUN/tensorboard): `iter_NNN/` for the
+  training steps, `run/` for the iteration figures.
+
+Logging follows the files: an iteration is logged after it is complete, and every complete
+iteration not yet logged is logged at the next chance (`sync`), so a tracker that was down
+loses nothing and never costs an iteration its files. `tracking.on_error: fail` (the default)
+refuses to start a round whose tracker cannot be reached; `warn` logs and goes on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from nash.errors import UserError
+from nash.records import write_json
+from nash.registry import IterationDir, RunDir
+
+log = logging.getLogger("nash")
+
+HEADLINE = ("win_rate", "win_rate_se", "lc_win_rate", "pass_rate", "substantive_pass_rate", "degenerate",
+            "mean_length", "kl_from_initial", "perplexity", "rank_shift", "retention", "retention_drop")
+
+
+def figures(it: IterationDir) -> dict[str, float]:
+    """What nash logs for a complete iteration: its headline figures, pairs, KL to π_t, judge cost and
+    the seconds of each stage."""
+    m = it.manifest()
+    head = m.get("metrics", {})
+    out = {k: float(head[k]) for k in HEADLINE if isinstance(head.get(k), (int, float))}
+    out["promoted"] = float(bool(head.get("promoted")))
+    pairs, train = m.get("pairs", {}), m.get("train", {})
+    for key, value in (("pairs_kept", pairs.get("pairs")), ("training_pairs", pairs.get("training_pairs")),
+                       ("kl_from_parent", train.get("kl_from_parent")), ("train_loss", train.get("train_loss")),
+                       ("judge_usd", m.get("judge_spend", {}).get("iteration", {}).get("cost_usd"))):
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+    for stage, seconds in m.get("timings", {}).items():
+        out[f"seconds_{stage}"] = float(seconds)
+    return out
+
+
+class _State:
+    """RUN/tracking.json: the tracker's run ids and the iterations already logged."""
+
+    def __init__(self, run: RunDir):
+        self.path = run.path / "tracking.json"
+        self.data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+def _mlflow_client(cfg):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=cfg.tracking.uri)
+
+
+def _experiment(client, cfg, name: str) -> str:
+    exp = client.get_experiment_by_name(cfg.tracking.experiment or name)
+    return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment or name)
+
+
+def _mlflow_runs(run: RunDir, it: IterationDir | None = None) -> tuple[str, str | None]:
+    """The nash run's MLflow run, and `it`'s nested run, created once and remembered."""
+    cfg = run.config()
+    client = _mlflow_client(cfg)
+    state = _State(run)
+    ids = state.data.setdefault("mlflow", {"iterations": {}})
+    if "run_id" not in ids:
+        exp = _experiment(client, cfg, run.name)
+        parent = client.create_run(exp, run_name=run.name, tags={"nash.run": run.name,
+                                                                 "nash.config_hash": cfg.hash()})
+        ids.update(run_id=parent.info.run_id, experiment_id=exp)
+        state.save()
+    child = None
+    if it is not None:
+        child = ids["iterations"].get(str(it.index))
+        if child is None:
+            made = client.create_run(ids["experiment_id"], run_name=f"{run.name}-{it.path.name}",
+                                     tags={"mlflow.parentRunId": ids["run_id"], "nash.run": run.name,
+                                           "nash.iteration": str(it.index), "nash.config_hash": cfg.hash()})
+            child = ids["iterations"][str(it.index)] = made.info.run_id
+            state.save()
+    return ids["run_id"], child
+
+
+def tensorboard_dir(run: RunDir) -> Path:
+    d = run.config().tracking.dir
+    return Path(d) if d else run.path / "tensorboard"
+
+
+def report_to(cfg) -> str | list[str]:
+    """TRL's `report_to` for the training arguments."""
+    return "none" if cfg.tracking.kind == "none" else [cfg.tracking.kind]
+
+
+def trainer_env(it: IterationDir) -> dict[str, str]:
+    """Where the training subprocess's tracker callback writes: this iteration's nested run or directory."""
+    cfg = it.run.config()
+    kind = cfg.tracking.kind
+    if kind == "mlflow":
+        try:
+            _, child = _mlflow_runs(it.run, it)
+        except Exception as e:  # the tracker is down: training goes on, its steps are not tracked
+            return _failed(cfg, f"MLflow at {cfg.tracking.uri}: {type(e).__name__}: {e}", {"DISABLE_MLFLOW_INTEGRATION": "TRUE"})
+        return {"MLFLOW_RUN_ID": child, **({"MLFLOW_TRACKING_URI": cfg.tracking.uri} if cfg.tracking.uri else {})}
+    if kind == "tensorboard":
+        return {"TENSORBOARD_LOGGING_DIR": str(tensorboard_dir(it.run) / it.path.name)}
+    return {}
+
+
+def _failed(cfg, message: str, fallback):
+    if cfg.tracking.on_error == "fail":
+        raise UserError(f"tracking: {message}")
+    log.warning("tracking: %s; going on without it (tracking.on_error: warn)", message)
+    return fallback
+
+
+def sync(run: RunDir) -> list[int]:
+    """Log every complete iteration the tracker has not had yet; return their numbers."""
+    cfg = run.config()
+    if cfg.tracking.kind == "none":
+        return []
+    state = _State(run)
+    logged = set(state.data.get("logged", []))
+    todo = [it for it in run.lineage() if it.index not in logged]
+    if not todo:
+        return []
+    try:
+        if cfg.tracking.kind == "mlflow":
+            from mlflow.entities import Metric
+
+            client = _mlflow_client(cfg)
+            parent, _ = _mlflow_runs(run)
+            for it in todo:
+                stamp = _millis(it)
+                client.log_batch(parent, metrics=[Metric(k, v, stamp, it.index) for k, v in figures(it).items()])
+            client.set_terminated(parent)  # FINISHED in the UI between rounds; the next sync logs to it again
+        else:  # tensorboard
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(log_dir=str(tensorboard_dir(run) / "run")) as writer:
+                for it in todo:
+                    for k, v in figures(it).items():
+                        writer.add_scalar(f"nash/{k}", v, it.index)
+    except UserError:
+        raise
+    except Exception as e:
+        return _failed(cfg, f"{cfg.tracking.kind}: {type(e).__name__}: {e}", [])
+    state = _State(run)
+    state.data["logged"] = sorted(logged | {it.index for it in todo})
+    state.save()
+    return [it.index for it in todo]
+
+
+def _millis(it: IterationDir) -> int:
+    from datetime import datetime
+
+    finished = it.manifest().get("finished_at")
+    return int(datetime.fromisoformat(finished).timestamp() * 1000) if finished else 0
+
+
+def check(cfg) -> None:
+    """Before the first stage: the tracker's package is installed and its server answers."""
+    kind = cfg.tracking.kind
+    if kind == "none":
+        return
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec(kind) is None:
+        _failed(cfg, f"kind {kind} needs the {kind} package: pip install 'nash[tracking]'", None)
+        return
+    if kind == "mlflow":
+        # One quick question, not MLflow's default minutes of retries against a dead server.
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+        try:
+            _mlflow_client(cfg).search_experiments(max_results=1)
+        except Exception as e:
+            _failed(cfg, f"MLflow at {cfg.tracking.uri or 'the default tracking URI'} did not answer "
+                    f"(tracking.uri): {type(e).__name__}: {str(e)[:200]}", None)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

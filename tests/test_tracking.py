@@ -1,0 +1,121 @@
+"""Experiment trackers: a real `mlflow server` on loopback read back through MLflow's client, and
+TensorBoard event files read back with TensorBoard's own reader."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nash import iteration
+from nash.config import load_config
+from nash.errors import UserError
+from nash.preflight import preflight
+from nash.registry import RunDir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with its own SQLite store, on loopback."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--default-artifact-root", str(root / "artifacts")],
+                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not answer in 120 s: " + (root / "server.log").read_text()[-2000:])
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_iteration_figures_and_training_steps_reach_mlflow(mlflow_server, tmp_path, tiny_overrides):
+    from mlflow import MlflowClient
+
+    cfg = load_config(None, tiny_overrides + ["run.name=tracked", "tracking.kind=mlflow",
+                                              f"tracking.uri={mlflow_server}", "tracking.experiment=nash-test"])
+    run = RunDir.create(tmp_path, cfg)
+    preflight(cfg, run)
+    iteration.run_iteration(str(run.path))
+    (it,) = run.iterations()
+    head = json.loads(it.metrics.read_text())["headline"]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("nash-test")
+    parents = client.search_runs([exp.experiment_id], "tags.`nash.run` = 'tracked'")
+    parent = next(r for r in parents if "nash.iteration" not in r.data.tags)
+    child = next(r for r in parents if r.data.tags.get("nash.iteration") == "1")
+    assert parent.data.tags["nash.config_hash"] == cfg.hash()
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # The iteration's figures on the run, at step 1, equal to metrics.json.
+    for key in ("win_rate", "substantive_pass_rate", "degenerate", "pass_rate"):
+        (point,) = client.get_metric_history(parent.info.run_id, key)
+        assert (point.step, point.value) == (1, pytest.approx(head[key])), key
+    (pairs,) = client.get_metric_history(parent.info.run_id, "pairs_kept")
+    assert pairs.value == it.manifest()["pairs"]["pairs"]
+    assert client.get_metric_history(parent.info.run_id, "seconds_train")[0].value > 0
+    # TRL's per-step training logs in the iteration's nested run.
+    losses = client.get_metric_history(child.info.run_id, "loss")
+    assert len(losses) == json.loads((it.path / "train.json").read_text())["steps"] >= 1
+    assert [p.step for p in losses] == list(range(1, len(losses) + 1))
+    assert json.loads((run.path / "tracking.json").read_text())["logged"] == [1]
+
+
+def test_a_tracker_that_is_down_fails_preflight_or_warns(tmp_path, tiny_overrides, caplog):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    cfg = load_config(None, tiny_overrides + ["run.name=down", "tracking.kind=mlflow", f"tracking.uri={dead}"])
+    run = RunDir.create(tmp_path, cfg)
+    t0 = time.time()
+    with pytest.raises(UserError, match="tracking.uri"):
+        preflight(cfg, run)
+    assert time.time() - t0 < 30  # one quick question, not minutes of retries
+    warn = load_config(None, tiny_overrides + ["run.name=down", "tracking.kind=mlflow", f"tracking.uri={dead}",
+                                               "tracking.on_error=warn"])
+    preflight(warn, run)  # tracking is not hashed: the same run takes it
+    assert "going on without it" in caplog.text
+
+
+def test_iteration_figures_and_training_steps_in_tensorboard_event_files(tmp_path, tiny_overrides):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(None, tiny_overrides + ["run.name=tb", "tracking.kind=tensorboard"])
+    run = RunDir.create(tmp_path, cfg)
+    iteration.run_iteration(str(run.path))
+    (it,) = run.iterations()
+    head = json.loads(it.metrics.read_text())["headline"]
+
+    figures = EventAccumulator(str(run.path / "tensorboard" / "run"))
+    figures.Reload()
+    for key in ("win_rate", "substantive_pass_rate", "degenerate"):
+        (event,) = figures.Scalars(f"nash/{key}")
+        assert (event.step, event.value) == (1, pytest.approx(head[key], abs=1e-6)), key
+    steps = EventAccumulator(str(run.path / "tensorboard" / "iter_001"))
+    steps.Reload()
+    loss = steps.Scalars("train/loss")
+    assert len(loss) == json.loads((it.path / "train.json").read_text())["steps"] >= 1
+    shutil.rmtree(run.path / "tensorboard")
+    assert iteration.tracking.sync(run) == []  # logged once: tracking.json remembers
