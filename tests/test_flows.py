@@ -182,6 +182,7 @@ def test_cli_reports_a_failed_iteration_in_one_line(prefect_server, tmp_path, ti
     assert "nash: error: iter_001 failed at train: RuntimeError: no pairs kept" in err and "to resume" in err
 
 
+@pytest.mark.slow  # 75-150 s; tests/test_alpaca_eval.py keeps the annotation itself in the fast selection
 def test_dno_recipe_evaluates_against_an_alpaca_eval_file(prefect_server, tmp_path, tiny_model_dir, monkeypatch,
                                                            capsys):
     """configs/dno_gpt4.yaml on the tiny model: the openai judge (loopback) annotates against a reference file."""

@@ -99,6 +99,7 @@ def test_a_tracker_that_is_down_fails_preflight_or_warns(tmp_path, tiny_override
     assert "going on without it" in caplog.text
 
 
+@pytest.mark.slow  # a second tiny iteration; the MLflow test keeps tracking in the fast selection
 def test_iteration_figures_and_training_steps_in_tensorboard_event_files(tmp_path, tiny_overrides):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
