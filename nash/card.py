@@ -139,7 +139,9 @@ def push(it: IterationDir, repo_id: str, private: bool = True, revision: str | N
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi()
+    import os
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # a mirror, or the Hub
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if branch != "main":

@@ -11,7 +11,7 @@ from nash.records import Judgment, Pair, Prompt, Sample, read_jsonl
 from nash.registry import RunDir, sha256_file
 
 
-def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_overrides, capsys):
+def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_overrides, capsys, monkeypatch):
     cfg = load_config(None, tiny_overrides + ["run.name=t", "pairs.replay=[0.3]", "train.learning_rate=1e-3"])
     run = RunDir.create(tmp_path, cfg)
     first = iteration.run_iteration(str(run.path))
@@ -97,6 +97,23 @@ def test_two_iterations_write_the_contract_and_chain_policies(tmp_path, tiny_ove
     out = capsys.readouterr().out
     assert "would upload iter_002 of t to me/policy@iter_002 (private)" in out
     assert "README.md" in out and "model.safetensors" in out
+    # The upload itself, through huggingface_hub, to a loopback stand-in for the Hub's API.
+    from tests.hub_server import HubServer
+
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_do_not_leak")
+        assert main(["push", str(run.path), "--repo-id", "me/policy", "--iteration", "1"]) == 0
+    out = capsys.readouterr().out
+    assert not hub.unknown, hub.unknown
+    create = hub.repos["me/policy"]
+    assert create.get("private") is True or create.get("visibility") == "private"
+    assert hub.branches == [("me/policy", "iter_001")]
+    (commit,) = hub.commits
+    assert commit["revision"] == "iter_001" and commit["summary"] == "nash: t iter_001"
+    assert {name: data for name, data in commit["files"].items()} == {
+        p.name: p.read_bytes() for p in it1.policy.iterdir() if p.is_file()}
+    assert "Bearer hf_test_do_not_leak" in hub.auth and "hf_test_do_not_leak" not in out
 
 
 def test_failed_stage_is_recorded_and_resumed(tmp_path, tiny_overrides, monkeypatch):
