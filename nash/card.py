@@ -136,10 +136,10 @@ def push(it: IterationDir, repo_id: str, private: bool = True, revision: str | N
             "files": {p.name: p.stat().st_size for p in files}}
     if dry_run:
         return plan
+    import os
+
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
-
-    import os
 
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # a mirror, or the Hub
     try:
