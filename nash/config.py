@@ -564,12 +564,14 @@ class StagePool(Section):
 class TrackingSection(Section):
     """An experiment tracker (nash/tracking.py). Where figures are logged shapes no result: not hashed."""
 
-    kind: Literal["none", "mlflow", "tensorboard"] = Field(
+    kind: Literal["none", "mlflow", "tensorboard", "trackio"] = Field(
         "none", description="mlflow: one MLflow run per nash run, a nested run per iteration; tensorboard: event "
-        "files under `dir`. Install with `pip install 'nash[tracking]'`.")
+        "files under `dir`; trackio: a run per nash run and one per iteration in a local project (TRACKIO_DIR). "
+        "Install with `pip install 'nash[tracking]'`.")
     uri: str | None = Field(None, description="mlflow: the tracking URI, e.g. http://127.0.0.1:5000; null: "
                             "MLFLOW_TRACKING_URI, else ./mlruns.")
-    experiment: str | None = Field(None, description="mlflow: the experiment; null: the run's name.")
+    experiment: str | None = Field(None, description="mlflow: the experiment; trackio: the project; null: the "
+                                   "run's name.")
     dir: LocalPath | None = Field(None, description="tensorboard: the log directory; null: RUN/tensorboard.")
     on_error: Literal["fail", "warn"] = Field(
         "fail", description="fail: a tracker that cannot be reached stops the round before its first stage; "

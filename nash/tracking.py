@@ -9,6 +9,9 @@ itself, with the iteration as the step:
   RUN/tracking.json, so a resumed or scheduled round logs into the same runs.
 - `tensorboard`: event files under `tracking.dir` (default RUN/tensorboard): `iter_NNN/` for the
   training steps, `run/` for the iteration figures.
+- `trackio`: in the local project `tracking.experiment` (default the run's name) under TRACKIO_DIR:
+  a run named after the nash run for the iteration figures, `<run>-iter_NNN` for each iteration's
+  training steps.
 
 Logging follows the files: an iteration is logged after it is complete, and every complete
 iteration not yet logged is logged at the next chance (`sync`), so a tracker that was down
@@ -106,6 +109,14 @@ def report_to(cfg) -> str | list[str]:
     return "none" if cfg.tracking.kind == "none" else [cfg.tracking.kind]
 
 
+def trainer_args(it: IterationDir) -> dict[str, str]:
+    """Training arguments the tracker's callback reads: trackio's project and run name."""
+    cfg = it.run.config()
+    if cfg.tracking.kind != "trackio":
+        return {}
+    return {"project": cfg.tracking.experiment or it.run.name, "run_name": f"{it.run.name}-{it.path.name}"}
+
+
 def trainer_env(it: IterationDir) -> dict[str, str]:
     """Where the training subprocess's tracker callback writes: this iteration's nested run or directory."""
     cfg = it.run.config()
@@ -148,6 +159,16 @@ def sync(run: RunDir) -> list[int]:
                 stamp = _millis(it)
                 client.log_batch(parent, metrics=[Metric(k, v, stamp, it.index) for k, v in figures(it).items()])
             client.set_terminated(parent)  # FINISHED in the UI between rounds; the next sync logs to it again
+        elif cfg.tracking.kind == "trackio":
+            import trackio
+
+            trackio.init(project=cfg.tracking.experiment or run.name, name=run.name, resume="allow",
+                         config={"nash.config_hash": cfg.hash()})
+            try:
+                for it in todo:
+                    trackio.log(figures(it), step=it.index)
+            finally:
+                trackio.finish()
         else:  # tensorboard
             from torch.utils.tensorboard import SummaryWriter
 

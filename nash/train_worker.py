@@ -17,7 +17,7 @@ from nash.policy import resolve_policy
 from nash.records import Pair, Sample, iter_jsonl, read_jsonl, write_json
 from nash.registry import IterationDir
 from nash.supervisor import PROGRESS_TAG
-from nash.tracking import report_to
+from nash.tracking import report_to, trainer_args
 from nash.training import train_policy
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
 
     metrics = train_policy(parent, read_jsonl(it.pairs, Pair), it.policy, cfg.train, cfg.pairs.length_guard,
                            precision, seed=cfg.run.seed * 1000 + it.index, initial_path=initial,
-                           progress=progress, report_to=report_to(cfg))
+                           progress=progress, report_to=report_to(cfg), tracker_args=trainer_args(it))
     if not _is_main():
         return 0
     if cfg.train.kl_prompts:

@@ -74,7 +74,7 @@ def shared_dataset(dataset, path: Path):
 
 def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg, length_guard=None,
                   precision: Precision | None = None, seed: int = 0, initial_path: str | None = None, callbacks=(),
-                  report_to: str | list[str] = "none"):
+                  report_to: str | list[str] = "none", tracker_args: dict | None = None):
     """The TRL trainer for `train.loss`, configured from the train section.
 
     The weights load in `precision.weights` and TRL's bf16/fp16 arguments put the forward and
@@ -99,6 +99,7 @@ def build_trainer(policy_path: str, pairs: list[Pair], work_dir: Path, train_cfg
         seed=seed,
         gradient_checkpointing=cfg.gradient_checkpointing,
         **precision.trainer_args(),
+        **(tracker_args or {}),
     )
     # The trainer's arguments come before the weights: under ZeRO-3 they register the DeepSpeed
     # config, so from_pretrained loads every rank's shard only (zero3_init_flag).
@@ -208,7 +209,8 @@ def save_policy(trainer, out_dir: Path, policy_path: str, lora: bool, precision:
 
 def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, length_guard=None,
                  precision: Precision | None = None, seed: int = 0, initial_path: str | None = None,
-                 progress: Progress | None = None, report_to: str | list[str] = "none") -> dict:
+                 progress: Progress | None = None, report_to: str | list[str] = "none",
+                 tracker_args: dict | None = None) -> dict:
     """Train π_t on `pairs`, save π_{t+1} to `out_dir` (HF format, LoRA merged), return training metrics."""
     from transformers import TrainerCallback
 
@@ -220,7 +222,7 @@ def train_policy(policy_path: str, pairs: list[Pair], out_dir: Path, train_cfg, 
     work = out_dir.with_name(out_dir.name + ".trainer")
     precision = precision or resolve("fp32")
     trainer = build_trainer(policy_path, pairs, work, train_cfg, length_guard, precision, seed, initial_path,
-                            [_Report()], report_to)
+                            [_Report()], report_to, tracker_args)
     result = trainer.train()
     weights_dtype = save_policy(trainer, out_dir, policy_path, train_cfg.lora is not None, precision)
     shutil.rmtree(work, ignore_errors=True)

@@ -120,3 +120,26 @@ def test_iteration_figures_and_training_steps_in_tensorboard_event_files(tmp_pat
     assert len(loss) == json.loads((it.path / "train.json").read_text())["steps"] >= 1
     shutil.rmtree(run.path / "tensorboard")
     assert iteration.tracking.sync(run) == []  # logged once: tracking.json remembers
+
+
+def test_iteration_figures_and_training_steps_in_a_trackio_project(tmp_path, tiny_overrides, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
+    for name in [m for m in sys.modules if m == "trackio" or m.startswith("trackio.")]:
+        monkeypatch.delitem(sys.modules, name)
+    cfg = load_config(None, tiny_overrides + ["run.name=tr", "tracking.kind=trackio", "tracking.experiment=nightly"])
+    run = RunDir.create(tmp_path / "runs", cfg)
+    preflight(cfg, run)
+    iteration.run_iteration(str(run.path))
+    (it,) = run.iterations()
+    head = json.loads(it.metrics.read_text())["headline"]
+
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert set(SQLiteStorage.get_runs("nightly")) == {"tr", "tr-iter_001"}
+    (logged,) = SQLiteStorage.get_logs("nightly", "tr")
+    assert logged["step"] == 1
+    for key in ("win_rate", "substantive_pass_rate", "degenerate", "pass_rate"):
+        assert logged[key] == pytest.approx(head[key]), key
+    steps = [row for row in SQLiteStorage.get_logs("nightly", "tr-iter_001") if "train/loss" in row or "loss" in row]
+    assert len(steps) == json.loads((it.path / "train.json").read_text())["steps"] >= 1
+    assert (tmp_path / "trackio" / "nightly.db").is_file()
