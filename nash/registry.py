@@ -125,11 +125,14 @@ class RunDir:
         run.check_config(cfg)
         if run.config_path.is_file():
             stored = run.config()
-            # What a command may change on an existing run: how many policies disk keeps, where stages run.
-            if stored.run.keep_policies != cfg.run.keep_policies or stored.stages != cfg.stages:
+            # What a command may change on an existing run: how many policies disk keeps, where stages run,
+            # where figures are logged.
+            if (stored.run.keep_policies != cfg.run.keep_policies or stored.stages != cfg.stages
+                    or stored.tracking != cfg.tracking):
                 data = json.loads(run.config_path.read_text(encoding="utf-8"))
                 data["config"]["run"]["keep_policies"] = cfg.run.keep_policies
                 data["config"]["stages"] = cfg.stages.model_dump(mode="json")
+                data["config"]["tracking"] = cfg.tracking.model_dump(mode="json")
                 write_json(run.config_path, data)
             return run
         run.path.mkdir(parents=True, exist_ok=True)

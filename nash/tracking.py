@@ -104,9 +104,14 @@ def tensorboard_dir(run: RunDir) -> Path:
     return Path(d) if d else run.path / "tensorboard"
 
 
+OFF = "NASH_TRACKING_OFF"  # set for a training subprocess whose tracker did not answer (on_error: warn)
+
+
 def report_to(cfg) -> str | list[str]:
     """TRL's `report_to` for the training arguments."""
-    return "none" if cfg.tracking.kind == "none" else [cfg.tracking.kind]
+    import os
+
+    return "none" if cfg.tracking.kind == "none" or os.environ.get(OFF) else [cfg.tracking.kind]
 
 
 def trainer_args(it: IterationDir) -> dict[str, str]:
@@ -125,7 +130,7 @@ def trainer_env(it: IterationDir) -> dict[str, str]:
         try:
             _, child = _mlflow_runs(it.run, it)
         except Exception as e:  # the tracker is down: training goes on, its steps are not tracked
-            return _failed(cfg, f"MLflow at {cfg.tracking.uri}: {type(e).__name__}: {e}", {"DISABLE_MLFLOW_INTEGRATION": "TRUE"})
+            return _failed(cfg, f"MLflow at {cfg.tracking.uri}: {type(e).__name__}: {str(e)[:200]}", {OFF: "1"})
         return {"MLFLOW_RUN_ID": child, **({"MLFLOW_TRACKING_URI": cfg.tracking.uri} if cfg.tracking.uri else {})}
     if kind == "tensorboard":
         return {"TENSORBOARD_LOGGING_DIR": str(tensorboard_dir(it.run) / it.path.name)}

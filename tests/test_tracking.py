@@ -85,7 +85,7 @@ def test_iteration_figures_and_training_steps_reach_mlflow(mlflow_server, tmp_pa
     assert json.loads((run.path / "tracking.json").read_text())["logged"] == [1]
 
 
-def test_a_tracker_that_is_down_fails_preflight_or_warns(tmp_path, tiny_overrides, caplog):
+def test_a_tracker_that_is_down_fails_preflight_or_warns(tmp_path, tiny_overrides, caplog, monkeypatch):
     dead = f"http://127.0.0.1:{_free_port()}"
     cfg = load_config(None, tiny_overrides + ["run.name=down", "tracking.kind=mlflow", f"tracking.uri={dead}"])
     run = RunDir.create(tmp_path, cfg)
@@ -97,6 +97,19 @@ def test_a_tracker_that_is_down_fails_preflight_or_warns(tmp_path, tiny_override
                                                "tracking.on_error=warn"])
     preflight(warn, run)  # tracking is not hashed: the same run takes it
     assert "going on without it" in caplog.text
+    # Training goes on untracked: the worker is told to report to nothing.
+    from nash import tracking
+    from nash.registry import IterationDir
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run = RunDir.create(tmp_path, warn)  # a command's tracking section replaces the run's
+    assert run.config().tracking.on_error == "warn"
+    env = tracking.trainer_env(IterationDir(run, 1))
+    assert env == {tracking.OFF: "1"}
+    monkeypatch.setenv(tracking.OFF, "1")
+    assert tracking.report_to(warn) == "none"
+    monkeypatch.delenv(tracking.OFF)
+    assert tracking.report_to(warn) == ["mlflow"]
 
 
 @pytest.mark.slow  # a second tiny iteration; the MLflow test keeps tracking in the fast selection
