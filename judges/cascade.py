@@ -25,13 +25,13 @@ class CascadeJudge:
     concurrency = 1  # judged in chunks: the student batches, the teacher keeps its own concurrency
 
     def __init__(self, student, teacher, threshold: float | None, score_map: dict | None = None,
-                 chunk_candidates: int = 256):
+                 chunk_candidates: int = 256, routing: str = "no student: the teacher decides every prompt"):
         self.student, self.teacher = student, teacher
         self.components = [c for c in (student, teacher) if c is not None]  # close_judge reaches both
         self.threshold = threshold
         self.score_map = score_map
         self.batch_requests = chunk_candidates
-        self.routing = "" if student is not None else "no student: the teacher decides every prompt"
+        self.routing = routing  # why the threshold is what it is, for the manifest
 
     @staticmethod
     def prompt_requests(k: int) -> int:
@@ -85,7 +85,5 @@ def build_cascade(cfg, build) -> CascadeJudge:
     report = read_report(cfg.student.model)
     threshold, why = routing_threshold(cfg, report)
     student = RewardModelJudge(cfg.student) if threshold is not None and math.isfinite(threshold) else None
-    judge = CascadeJudge(student, teacher, threshold if student else None,
-                         report.get("score_map") if report else None, cfg.chunk_candidates)
-    judge.routing = why
-    return judge
+    return CascadeJudge(student, teacher, threshold if student else None,
+                        report.get("score_map") if report else None, cfg.chunk_candidates, why)

@@ -265,8 +265,12 @@ def check_student(run: RunDir, jcfg) -> None:
     if model.startswith(PREFIX):
         student_path(run, model)
     elif jcfg.threshold is None and read_report(model) is None:
-        raise UserError(f"judge.threshold: {model} has no distillation report (report.json beside it); set "
-                        "judge.threshold, the decisive margin in its units at which it decides alone")
+        raise _needs_threshold(model)
+
+
+def _needs_threshold(model: str) -> UserError:
+    return UserError(f"judge.threshold: {model} has no distillation report (report.json beside it); set "
+                     "judge.threshold, the decisive margin in its units at which it decides alone")
 
 
 def routing_threshold(jcfg, report: dict | None) -> tuple[float | None, str]:
@@ -274,8 +278,7 @@ def routing_threshold(jcfg, report: dict | None) -> tuple[float | None, str]:
     if jcfg.threshold is not None:
         return jcfg.threshold, "judge.threshold"
     if report is None:
-        raise UserError(f"judge.threshold: {jcfg.student.model} has no distillation report; set judge.threshold "
-                        "(the decisive margin, in its units, at which it decides alone)")
+        raise _needs_threshold(jcfg.student.model)
     row = thresholds([tuple(r) for r in report["routing"]["table"]], [jcfg.agreement])[f"{jcfg.agreement:g}"]
     if row is None:
         return None, (f"{report['version']}: no decisive margin reached agreement {jcfg.agreement:g} on "
@@ -288,23 +291,18 @@ def routing_threshold(jcfg, report: dict | None) -> tuple[float | None, str]:
 
 
 def settings(cfg, overrides: list[str] = ()):
-    """The run's distill section with `distill.KEY=VALUE` overrides for one version (they shape no iteration)."""
-    from pydantic import ValidationError
+    """The run's distill section with `distill.KEY=VALUE` overrides for one version (they shape no iteration),
+    checked by the config's own validation."""
+    from nash.config import parse_override, validate_config
 
-    from nash.config import DistillSection, parse_override
-
-    data = cfg.distill.model_dump()
+    data, lines = cfg.model_dump(mode="json"), {}
     for item in overrides:
         keys, value = parse_override(item)
         if len(keys) != 2 or keys[0] != "distill":
             raise UserError(f"--set {item}: nash distill takes distill.KEY=VALUE only")
-        data[keys[1]] = value
-    try:
-        return DistillSection(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"--set distill.{key}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+        data["distill"][keys[1]] = value
+        lines[".".join(keys)] = "--set"
+    return validate_config(data, lines).distill
 
 
 def distill(run: RunDir, iterations: list[int] | None = None, progress: Progress | None = None,
