@@ -564,15 +564,20 @@ class StagePool(Section):
 class TrackingSection(Section):
     """An experiment tracker (nash/tracking.py). Where figures are logged shapes no result: not hashed."""
 
-    kind: Literal["none", "mlflow", "tensorboard", "trackio"] = Field(
-        "none", description="mlflow: one MLflow run per nash run, a nested run per iteration; tensorboard: event "
-        "files under `dir`; trackio: a run per nash run and one per iteration in a local project (TRACKIO_DIR). "
-        "Install with `pip install 'nash[tracking]'`.")
+    kind: Literal["none", "mlflow", "wandb", "tensorboard", "trackio"] = Field(
+        "none", description="mlflow: one MLflow run per nash run, a nested run per iteration; wandb: one W&B run per "
+        "nash run and one per iteration's training, grouped under the run's name (WANDB_MODE=offline writes run "
+        "files to upload later with `wandb sync`); tensorboard: event files under `dir`; trackio: a run per nash "
+        "run and one per iteration in a local project (TRACKIO_DIR). Install with `pip install 'nash[tracking]'`.")
     uri: str | None = Field(None, description="mlflow: the tracking URI, e.g. http://127.0.0.1:5000; null: "
-                            "MLFLOW_TRACKING_URI, else ./mlruns.")
-    experiment: str | None = Field(None, description="mlflow: the experiment; trackio: the project; null: the "
-                                   "run's name.")
-    dir: LocalPath | None = Field(None, description="tensorboard: the log directory; null: RUN/tensorboard.")
+                            "MLFLOW_TRACKING_URI, else ./mlruns. wandb: the W&B server's URL; null: WANDB_BASE_URL, "
+                            "else api.wandb.ai.")
+    experiment: str | None = Field(None, description="mlflow: the experiment; wandb and trackio: the project; null: "
+                                   "the run's name.")
+    entity: str | None = Field(None, description="wandb: the team or user owning the project; null: WANDB_ENTITY, "
+                               "else the API key's default entity.")
+    dir: LocalPath | None = Field(None, description="tensorboard: the log directory; wandb: where its run files go; "
+                                  "null: RUN/tensorboard, RUN/wandb.")
     on_error: Literal["fail", "warn"] = Field(
         "fail", description="fail: a tracker that cannot be reached stops the round before its first stage; "
         "warn: nash logs a warning and goes on, and logs the missed iterations when it answers again.")

@@ -7,6 +7,10 @@ itself, with the iteration as the step:
 - `mlflow`: one MLflow run per nash run, tagged with the config hash, holding the iteration
   figures; one nested run per iteration holding its training steps. Run ids are kept in
   RUN/tracking.json, so a resumed or scheduled round logs into the same runs.
+- `wandb`: one W&B run per nash run (job type `round`) holding the iteration figures, and one per
+  iteration's training (job type `train`, named `<run>-iter_NNN`), grouped under the run's name and
+  tagged with the config hash. Run ids are kept in RUN/tracking.json; each session resumes its run.
+  With WANDB_MODE=offline the run files stay under `tracking.dir` (default RUN/wandb) for `wandb sync`.
 - `tensorboard`: event files under `tracking.dir` (default RUN/tensorboard): `iter_NNN/` for the
   training steps, `run/` for the iteration figures.
 - `trackio`: in the local project `tracking.experiment` (default the run's name) under TRACKIO_DIR:
@@ -99,9 +103,79 @@ def _mlflow_runs(run: RunDir, it: IterationDir | None = None) -> tuple[str, str 
     return ids["run_id"], child
 
 
-def tensorboard_dir(run: RunDir) -> Path:
-    d = run.config().tracking.dir
-    return Path(d) if d else run.path / "tensorboard"
+def tracker_dir(run: RunDir) -> Path:
+    """tensorboard's event files or wandb's run files: `tracking.dir`, else RUN/<kind>."""
+    cfg = run.config()
+    return Path(cfg.tracking.dir) if cfg.tracking.dir else run.path / cfg.tracking.kind
+
+
+def _wandb_ids(run: RunDir, it: IterationDir | None = None) -> tuple[str, str | None]:
+    """The nash run's W&B run id, and `it`'s training run id, made once and remembered."""
+    import secrets
+
+    state = _State(run)
+    ids = state.data.setdefault("wandb", {"iterations": {}})
+    ids.setdefault("run_id", secrets.token_hex(4))
+    child = ids["iterations"].setdefault(str(it.index), secrets.token_hex(4)) if it is not None else None
+    state.save()
+    return ids["run_id"], child
+
+
+def _wandb_offline() -> bool:
+    import os
+
+    return os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
+
+
+def _wandb_where(cfg, run: RunDir) -> dict[str, str]:
+    """wandb.init's environment, shared by the round's run and the training subprocess's."""
+    d = tracker_dir(run)
+    d.mkdir(parents=True, exist_ok=True)
+    env = {"WANDB_PROJECT": cfg.tracking.experiment or run.name, "WANDB_DIR": str(d), "WANDB_RUN_GROUP": run.name,
+           "WANDB_TAGS": f"nash,config-{cfg.hash()}"}
+    if cfg.tracking.entity:
+        env["WANDB_ENTITY"] = cfg.tracking.entity
+    if cfg.tracking.uri:
+        env["WANDB_BASE_URL"] = cfg.tracking.uri
+    return env
+
+
+def _wandb_worker(args: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> str | None:
+    """Run nash/wandb_worker.py with a deadline; what went wrong, or None."""
+    import os
+    import subprocess
+    import sys
+
+    from nash.supervisor import Child
+    from nash.wandb_worker import ERROR_TAG
+
+    with Child([sys.executable, "-m", "nash.wandb_worker", *args], log_path, {**os.environ, **env}) as child:
+        child.pump_in_background()
+        try:
+            rc = child.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return f"no answer in {timeout_s:.0f} s"
+        child.join_output()
+        tail = list(child.tail)
+    if rc == 0:
+        return None
+    said = [line[len(ERROR_TAG):].strip() for line in tail if line.startswith(ERROR_TAG)]
+    return said[-1] if said else f"exited with status {rc}: {' | '.join(tail[-3:])}"
+
+
+def _wandb_probe(cfg) -> str | None:
+    """Why W&B cannot take a run now (server down, no or bad API key), or None. Offline needs no server."""
+    if _wandb_offline():
+        return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nash-wandb-") as tmp:
+        problem = _wandb_worker(["probe"], {"WANDB_BASE_URL": cfg.tracking.uri} if cfg.tracking.uri else {},
+                                Path(tmp) / "probe.log", 45)
+    if problem:
+        return (f"W&B at {cfg.tracking.uri or 'WANDB_BASE_URL, else api.wandb.ai,'} did not take the API key or did "
+                f"not answer (tracking.uri, WANDB_API_KEY; WANDB_MODE=offline needs no server): {problem}")
+    return None
 
 
 OFF = "NASH_TRACKING_OFF"  # set for a training subprocess whose tracker did not answer (on_error: warn)
@@ -117,6 +191,8 @@ def report_to(cfg) -> str | list[str]:
 def trainer_args(it: IterationDir) -> dict[str, str]:
     """Training arguments the tracker's callback reads: trackio's project and run name."""
     cfg = it.run.config()
+    if cfg.tracking.kind == "wandb":
+        return {"run_name": f"{it.run.name}-{it.path.name}"}
     if cfg.tracking.kind != "trackio":
         return {}
     return {"project": cfg.tracking.experiment or it.run.name, "run_name": f"{it.run.name}-{it.path.name}"}
@@ -132,8 +208,14 @@ def trainer_env(it: IterationDir) -> dict[str, str]:
         except Exception as e:  # the tracker is down: training goes on, its steps are not tracked
             return _failed(cfg, f"MLflow at {cfg.tracking.uri}: {type(e).__name__}: {str(e)[:200]}", {OFF: "1"})
         return {"MLFLOW_RUN_ID": child, **({"MLFLOW_TRACKING_URI": cfg.tracking.uri} if cfg.tracking.uri else {})}
+    if kind == "wandb":
+        problem = _wandb_probe(cfg)
+        if problem:
+            return _failed(cfg, problem, {OFF: "1"})
+        _, child = _wandb_ids(it.run, it)
+        return {**_wandb_where(cfg, it.run), "WANDB_RUN_ID": child, "WANDB_RESUME": "allow", "WANDB_JOB_TYPE": "train"}
     if kind == "tensorboard":
-        return {"TENSORBOARD_LOGGING_DIR": str(tensorboard_dir(it.run) / it.path.name)}
+        return {"TENSORBOARD_LOGGING_DIR": str(tracker_dir(it.run) / it.path.name)}
     return {}
 
 
@@ -164,6 +246,8 @@ def sync(run: RunDir) -> list[int]:
                 stamp = _millis(it)
                 client.log_batch(parent, metrics=[Metric(k, v, stamp, it.index) for k, v in figures(it).items()])
             client.set_terminated(parent)  # FINISHED in the UI between rounds; the next sync logs to it again
+        elif cfg.tracking.kind == "wandb":
+            _sync_wandb(cfg, run, todo)
         elif cfg.tracking.kind == "trackio":
             import trackio
 
@@ -177,7 +261,7 @@ def sync(run: RunDir) -> list[int]:
         else:  # tensorboard
             from torch.utils.tensorboard import SummaryWriter
 
-            with SummaryWriter(log_dir=str(tensorboard_dir(run) / "run")) as writer:
+            with SummaryWriter(log_dir=str(tracker_dir(run) / "run")) as writer:
                 for it in todo:
                     for k, v in figures(it).items():
                         writer.add_scalar(f"nash/{k}", v, it.index)
@@ -189,6 +273,20 @@ def sync(run: RunDir) -> list[int]:
     state.data["logged"] = sorted(logged | {it.index for it in todo})
     state.save()
     return [it.index for it in todo]
+
+
+def _sync_wandb(cfg, run: RunDir, todo: list[IterationDir]) -> None:
+    parent, _ = _wandb_ids(run)
+    where = _wandb_where(cfg, run)
+    spec = Path(where["WANDB_DIR"]) / "nash-log.json"
+    write_json(spec, {"init": {"project": where["WANDB_PROJECT"], "entity": cfg.tracking.entity, "id": parent,
+                               "dir": where["WANDB_DIR"], "resume": "allow", "name": run.name, "group": run.name,
+                               "job_type": "round", "tags": where["WANDB_TAGS"].split(","),
+                               "config": {"nash.run": run.name, "nash.config_hash": cfg.hash()}},
+                      "rows": [[it.index, figures(it)] for it in todo]})
+    problem = _wandb_worker(["log", str(spec)], where, Path(where["WANDB_DIR"]) / "nash-wandb.log", 180)
+    if problem:
+        raise RuntimeError(problem)
 
 
 def _millis(it: IterationDir) -> int:
@@ -209,6 +307,10 @@ def check(cfg) -> None:
     if importlib.util.find_spec(kind) is None:
         _failed(cfg, f"kind {kind} needs the {kind} package: pip install 'nash[tracking]'", None)
         return
+    if kind == "wandb":
+        problem = _wandb_probe(cfg)
+        if problem:
+            _failed(cfg, problem, None)
     if kind == "mlflow":
         # One quick question, not MLflow's default minutes of retries against a dead server.
         saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}

@@ -1,5 +1,6 @@
-"""Experiment trackers: a real `mlflow server` on loopback read back through MLflow's client, and
-TensorBoard event files read back with TensorBoard's own reader."""
+"""Experiment trackers: a real `mlflow server` on loopback read back through MLflow's client, W&B's
+offline run files read back with its own protobuf schema, TensorBoard event files read back with
+TensorBoard's own reader, and Trackio's own store."""
 
 import json
 import shutil
@@ -112,6 +113,83 @@ def test_a_tracker_that_is_down_fails_preflight_or_warns(tmp_path, tiny_override
     assert tracking.report_to(warn) == ["mlflow"]
 
 
+def test_iteration_figures_and_training_steps_in_wandb_run_files(tmp_path, tiny_overrides, monkeypatch):
+    from tests import wandb_store
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the run files `wandb sync` uploads; no W&B server here
+    cfg = load_config(None, tiny_overrides + ["run.name=wb", "tracking.kind=wandb", "tracking.experiment=nightly"])
+    run = RunDir.create(tmp_path, cfg)
+    preflight(cfg, run)
+    iteration.run_iteration(str(run.path))
+    (it,) = run.iterations()
+    head = json.loads(it.metrics.read_text())["headline"]
+    ids = json.loads((run.path / "tracking.json").read_text())["wandb"]
+    runs = wandb_store.runs(run.path / "wandb")
+    assert set(runs) == {ids["run_id"], ids["iterations"]["1"]}
+
+    (nash_run,) = runs[ids["run_id"]]
+    assert (nash_run["project"], nash_run["name"], nash_run["group"], nash_run["job_type"]) == \
+        ("nightly", "wb", "wb", "round")
+    assert nash_run["config"]["nash.config_hash"] == cfg.hash() and f"config-{cfg.hash()}" in nash_run["tags"]
+    (logged,) = nash_run["history"]  # the iteration's figures at step 1, equal to metrics.json
+    assert logged["_step"] == 1
+    for key in ("win_rate", "substantive_pass_rate", "degenerate", "pass_rate"):
+        assert logged[key] == pytest.approx(head[key]), key
+    assert logged["pairs_kept"] == it.manifest()["pairs"]["pairs"] and logged["seconds_train"] > 0
+
+    (training,) = runs[ids["iterations"]["1"]]  # TRL's steps, from the training subprocess
+    assert (training["project"], training["name"], training["group"], training["job_type"]) == \
+        ("nightly", "wb-iter_001", "wb", "train")
+    assert f"config-{cfg.hash()}" in training["tags"]
+    steps = [row["train/global_step"] for row in training["history"] if "train/loss" in row]
+    assert steps == list(range(1, json.loads((it.path / "train.json").read_text())["steps"] + 1)) and steps
+    assert iteration.tracking.sync(run) == []  # logged once
+    assert not _wandb_services(str(run.path))  # no W&B service outlives the stage that started it
+
+
+def test_wandb_without_a_server_or_a_key_fails_preflight_or_warns(tmp_path, tiny_overrides, caplog, monkeypatch):
+    from nash import tracking
+    from nash.registry import IterationDir
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    overrides = tiny_overrides + ["run.name=wbdown", "tracking.kind=wandb", f"tracking.uri={dead}"]
+    cfg = load_config(None, overrides)
+    run = RunDir.create(tmp_path, cfg)
+    with pytest.raises(UserError, match="WANDB_API_KEY"):
+        preflight(cfg, run)
+    key = "k" * 40
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    t0 = time.time()
+    with pytest.raises(UserError, match="tracking.uri") as failed:
+        preflight(cfg, run)
+    assert time.time() - t0 < 30 and key not in str(failed.value)
+    warn = load_config(None, overrides + ["tracking.on_error=warn"])
+    run = RunDir.create(tmp_path, warn)
+    env = tracking.trainer_env(IterationDir(run, 1))  # training goes on untracked
+    assert env == {tracking.OFF: "1"} and "going on without it" in caplog.text and key not in caplog.text
+    # Past its deadline the worker is killed with wandb's service: nothing waits on a dead server.
+    t0 = time.time()
+    assert tracking._wandb_worker(["probe"], {"WANDB_BASE_URL": dead}, tmp_path / "probe.log", 3) == "no answer in 3 s"
+    assert time.time() - t0 < 10
+    assert not _wandb_services(dead)
+
+
+def _wandb_services(marker: str) -> list:
+    """wandb-core processes started with `marker` in their environment, after a moment to exit."""
+    import psutil
+
+    for _ in range(20):
+        left = [p for p in psutil.process_iter(["name", "environ"])
+                if p.info["name"] == "wandb-core" and marker in json.dumps(p.info["environ"] or {})]
+        if not left:
+            break
+        time.sleep(0.5)
+    return left
+
+
 @pytest.mark.slow  # a second tiny iteration; the MLflow test keeps tracking in the fast selection
 def test_iteration_figures_and_training_steps_in_tensorboard_event_files(tmp_path, tiny_overrides):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -135,6 +213,7 @@ def test_iteration_figures_and_training_steps_in_tensorboard_event_files(tmp_pat
     assert iteration.tracking.sync(run) == []  # logged once: tracking.json remembers
 
 
+@pytest.mark.slow  # a fourth tiny iteration; the MLflow and W&B tests keep tracking in the fast selection
 def test_iteration_figures_and_training_steps_in_a_trackio_project(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
     for name in [m for m in sys.modules if m == "trackio" or m.startswith("trackio.")]:
