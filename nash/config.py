@@ -576,8 +576,8 @@ class TrackingSection(Section):
                                    "the run's name.")
     entity: str | None = Field(None, description="wandb: the team or user owning the project; null: WANDB_ENTITY, "
                                "else the API key's default entity.")
-    dir: LocalPath | None = Field(None, description="tensorboard: the log directory; wandb: where its run files go; "
-                                  "null: RUN/tensorboard, RUN/wandb.")
+    dir: LocalPath | None = Field(None, description="tensorboard: the log directory; wandb: W&B writes to its "
+                                  "`wandb/` folder; null: RUN/tensorboard, RUN (so RUN/wandb).")
     on_error: Literal["fail", "warn"] = Field(
         "fail", description="fail: a tracker that cannot be reached stops the round before its first stage; "
         "warn: nash logs a warning and goes on, and logs the missed iterations when it answers again.")

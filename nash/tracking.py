@@ -10,7 +10,7 @@ itself, with the iteration as the step:
 - `wandb`: one W&B run per nash run (job type `round`) holding the iteration figures, and one per
   iteration's training (job type `train`, named `<run>-iter_NNN`), grouped under the run's name and
   tagged with the config hash. Run ids are kept in RUN/tracking.json; each session resumes its run.
-  With WANDB_MODE=offline the run files stay under `tracking.dir` (default RUN/wandb) for `wandb sync`.
+  With WANDB_MODE=offline the run files stay in `tracking.dir`/wandb (default RUN/wandb) for `wandb sync`.
 - `tensorboard`: event files under `tracking.dir` (default RUN/tensorboard): `iter_NNN/` for the
   training steps, `run/` for the iteration figures.
 - `trackio`: in the local project `tracking.experiment` (default the run's name) under TRACKIO_DIR:
@@ -103,10 +103,9 @@ def _mlflow_runs(run: RunDir, it: IterationDir | None = None) -> tuple[str, str 
     return ids["run_id"], child
 
 
-def tracker_dir(run: RunDir) -> Path:
-    """tensorboard's event files or wandb's run files: `tracking.dir`, else RUN/<kind>."""
-    cfg = run.config()
-    return Path(cfg.tracking.dir) if cfg.tracking.dir else run.path / cfg.tracking.kind
+def tensorboard_dir(run: RunDir) -> Path:
+    d = run.config().tracking.dir
+    return Path(d) if d else run.path / "tensorboard"
 
 
 def _wandb_ids(run: RunDir, it: IterationDir | None = None) -> tuple[str, str | None]:
@@ -128,9 +127,10 @@ def _wandb_offline() -> bool:
 
 
 def _wandb_where(cfg, run: RunDir) -> dict[str, str]:
-    """wandb.init's environment, shared by the round's run and the training subprocess's."""
-    d = tracker_dir(run)
-    d.mkdir(parents=True, exist_ok=True)
+    """wandb.init's environment, shared by the round's run and the training subprocess's. W&B writes
+    its files to WANDB_DIR/wandb: RUN/wandb by default."""
+    d = Path(cfg.tracking.dir) if cfg.tracking.dir else run.path
+    (d / "wandb").mkdir(parents=True, exist_ok=True)
     env = {"WANDB_PROJECT": cfg.tracking.experiment or run.name, "WANDB_DIR": str(d), "WANDB_RUN_GROUP": run.name,
            "WANDB_TAGS": f"nash,config-{cfg.hash()}"}
     if cfg.tracking.entity:
@@ -215,7 +215,7 @@ def trainer_env(it: IterationDir) -> dict[str, str]:
         _, child = _wandb_ids(it.run, it)
         return {**_wandb_where(cfg, it.run), "WANDB_RUN_ID": child, "WANDB_RESUME": "allow", "WANDB_JOB_TYPE": "train"}
     if kind == "tensorboard":
-        return {"TENSORBOARD_LOGGING_DIR": str(tracker_dir(it.run) / it.path.name)}
+        return {"TENSORBOARD_LOGGING_DIR": str(tensorboard_dir(it.run) / it.path.name)}
     return {}
 
 
@@ -261,7 +261,7 @@ def sync(run: RunDir) -> list[int]:
         else:  # tensorboard
             from torch.utils.tensorboard import SummaryWriter
 
-            with SummaryWriter(log_dir=str(tracker_dir(run) / "run")) as writer:
+            with SummaryWriter(log_dir=str(tensorboard_dir(run) / "run")) as writer:
                 for it in todo:
                     for k, v in figures(it).items():
                         writer.add_scalar(f"nash/{k}", v, it.index)
@@ -278,13 +278,14 @@ def sync(run: RunDir) -> list[int]:
 def _sync_wandb(cfg, run: RunDir, todo: list[IterationDir]) -> None:
     parent, _ = _wandb_ids(run)
     where = _wandb_where(cfg, run)
-    spec = Path(where["WANDB_DIR"]) / "nash-log.json"
+    files = Path(where["WANDB_DIR"]) / "wandb"
+    spec = files / "nash-log.json"
     write_json(spec, {"init": {"project": where["WANDB_PROJECT"], "entity": cfg.tracking.entity, "id": parent,
                                "dir": where["WANDB_DIR"], "resume": "allow", "name": run.name, "group": run.name,
                                "job_type": "round", "tags": where["WANDB_TAGS"].split(","),
                                "config": {"nash.run": run.name, "nash.config_hash": cfg.hash()}},
                       "rows": [[it.index, figures(it)] for it in todo]})
-    problem = _wandb_worker(["log", str(spec)], where, Path(where["WANDB_DIR"]) / "nash-wandb.log", 180)
+    problem = _wandb_worker(["log", str(spec)], where, files / "nash-wandb.log", 180)
     if problem:
         raise RuntimeError(problem)
 

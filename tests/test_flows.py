@@ -72,6 +72,7 @@ def test_round_flow_runs_iterations_as_subflows_with_artifacts(prefect_server, t
     assert metrics["promotion"]["checks"][-1]["condition"] == "degenerate_rise <= 0.05"
 
 
+@pytest.mark.slow  # 40-46 s; tests/test_distill.py keeps distillation and the cascade in the fast selection
 def test_a_round_distills_between_iterations_for_the_cascade(prefect_server, tmp_path, tiny_overrides):
     """distill.every=1: iteration 1 has no student yet (the teacher judges), a reward model is distilled
     from it before iteration 2, whose cascade loads it, scores every candidate and records who decided."""

@@ -233,6 +233,7 @@ def test_accelerate_ddp_two_processes_trains_a_policy_that_loads_and_moved(tmp_p
 
 
 
+@pytest.mark.slow  # the DDP test above keeps multi-process training in the fast selection
 def test_two_machine_training_job_through_a_launch_prefix(tmp_path, tiny_overrides, monkeypatch):
     # Two "machines" on loopback: the prefix starts the launcher twice, as srun would on two nodes,
     # and each launcher reads its own rank from its environment.

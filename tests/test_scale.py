@@ -6,10 +6,10 @@ import json
 from benchmarks.scale import EVAL_PROMPTS, Counting, K, is_lucky, one_size
 from nash.records import Judgment, iter_jsonl
 
-N = 2000
+N = 1000  # benchmarks/scale.py measures the larger sizes
 
 
-def test_two_thousand_prompts_through_nash_run(tmp_path, tiny_model_dir):
+def test_a_thousand_prompts_through_nash_run(tmp_path, tiny_model_dir):
     with Counting() as server:
         row = one_size(N, server, tmp_path, tiny_model_dir, ["eval.drift_prompts=0", "train.kl_prompts=0"])
     assert row["candidates"] == N * (K + 1)

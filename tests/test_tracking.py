@@ -58,7 +58,8 @@ def test_iteration_figures_and_training_steps_reach_mlflow(mlflow_server, tmp_pa
     from mlflow import MlflowClient
 
     cfg = load_config(None, tiny_overrides + ["run.name=tracked", "tracking.kind=mlflow",
-                                              f"tracking.uri={mlflow_server}", "tracking.experiment=nash-test"])
+                                              f"tracking.uri={mlflow_server}", "tracking.experiment=nash-test",
+                                              "eval.drift_prompts=0", "train.kl_prompts=0"])
     run = RunDir.create(tmp_path, cfg)
     preflight(cfg, run)
     iteration.run_iteration(str(run.path))
@@ -117,7 +118,8 @@ def test_iteration_figures_and_training_steps_in_wandb_run_files(tmp_path, tiny_
     from tests import wandb_store
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # the run files `wandb sync` uploads; no W&B server here
-    cfg = load_config(None, tiny_overrides + ["run.name=wb", "tracking.kind=wandb", "tracking.experiment=nightly"])
+    cfg = load_config(None, tiny_overrides + ["run.name=wb", "tracking.kind=wandb", "tracking.experiment=nightly",
+                                              "eval.drift_prompts=0", "train.kl_prompts=0"])
     run = RunDir.create(tmp_path, cfg)
     preflight(cfg, run)
     iteration.run_iteration(str(run.path))
@@ -126,6 +128,7 @@ def test_iteration_figures_and_training_steps_in_wandb_run_files(tmp_path, tiny_
     ids = json.loads((run.path / "tracking.json").read_text())["wandb"]
     runs = wandb_store.runs(run.path / "wandb")
     assert set(runs) == {ids["run_id"], ids["iterations"]["1"]}
+    assert len(list((run.path / "wandb").glob("offline-run-*/run-*.wandb"))) == 2  # where `wandb sync` looks
 
     (nash_run,) = runs[ids["run_id"]]
     assert (nash_run["project"], nash_run["name"], nash_run["group"], nash_run["job_type"]) == \
@@ -168,11 +171,13 @@ def test_wandb_without_a_server_or_a_key_fails_preflight_or_warns(tmp_path, tiny
     assert time.time() - t0 < 30 and key not in str(failed.value)
     warn = load_config(None, overrides + ["tracking.on_error=warn"])
     run = RunDir.create(tmp_path, warn)
+    monkeypatch.delenv("WANDB_API_KEY")  # the quicker failure: no key
     env = tracking.trainer_env(IterationDir(run, 1))  # training goes on untracked
     assert env == {tracking.OFF: "1"} and "going on without it" in caplog.text and key not in caplog.text
     # Past its deadline the worker is killed with wandb's service: nothing waits on a dead server.
     t0 = time.time()
-    assert tracking._wandb_worker(["probe"], {"WANDB_BASE_URL": dead}, tmp_path / "probe.log", 3) == "no answer in 3 s"
+    dead_env = {"WANDB_BASE_URL": dead, "WANDB_API_KEY": key}
+    assert tracking._wandb_worker(["probe"], dead_env, tmp_path / "probe.log", 3) == "no answer in 3 s"
     assert time.time() - t0 < 10
     assert not _wandb_services(dead)
 
