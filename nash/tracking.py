@@ -163,6 +163,9 @@ def _wandb_worker(args: list[str], env: dict[str, str], log_path: Path, timeout_
     return said[-1] if said else f"exited with status {rc}: {' | '.join(tail[-3:])}"
 
 
+PROBE_S = 45  # wandb's own request timeout is 10 s; past this the probe and wandb's service are killed
+
+
 def _wandb_probe(cfg) -> str | None:
     """Why W&B cannot take a run now (server down, no or bad API key), or None. Offline needs no server."""
     if _wandb_offline():
@@ -171,7 +174,7 @@ def _wandb_probe(cfg) -> str | None:
 
     with tempfile.TemporaryDirectory(prefix="nash-wandb-") as tmp:
         problem = _wandb_worker(["probe"], {"WANDB_BASE_URL": cfg.tracking.uri} if cfg.tracking.uri else {},
-                                Path(tmp) / "probe.log", 45)
+                                Path(tmp) / "probe.log", PROBE_S)
     if problem:
         return (f"W&B at {cfg.tracking.uri or 'WANDB_BASE_URL, else api.wandb.ai,'} did not take the API key or did "
                 f"not answer (tracking.uri, WANDB_API_KEY; WANDB_MODE=offline needs no server): {problem}")

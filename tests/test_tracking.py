@@ -3,6 +3,7 @@ offline run files read back with its own protobuf schema, TensorBoard event file
 TensorBoard's own reader, and Trackio's own store."""
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -114,40 +115,91 @@ def test_a_tracker_that_is_down_fails_preflight_or_warns(tmp_path, tiny_override
     assert tracking.report_to(warn) == ["mlflow"]
 
 
-def test_iteration_figures_and_training_steps_in_wandb_run_files(tmp_path, tiny_overrides, monkeypatch):
-    from tests import wandb_store
-
-    monkeypatch.setenv("WANDB_MODE", "offline")  # the run files `wandb sync` uploads; no W&B server here
+def _wandb_iteration(tmp_path, tiny_overrides, extra=()):
     cfg = load_config(None, tiny_overrides + ["run.name=wb", "tracking.kind=wandb", "tracking.experiment=nightly",
-                                              "eval.drift_prompts=0", "train.kl_prompts=0"])
+                                              "eval.drift_prompts=0", "train.kl_prompts=0", *extra])
     run = RunDir.create(tmp_path, cfg)
     preflight(cfg, run)
     iteration.run_iteration(str(run.path))
+    return cfg, run
+
+
+def _served(server) -> dict[str, dict]:
+    """What the stand-in server received, per run, in the shape of tests/wandb_store.py's sessions."""
+    out = {}
+    for run_id, got in server.runs.items():
+        first = got["upserts"][0]
+        config = {k: v.get("value") if isinstance(v, dict) else v for k, v in json.loads(first["config"]).items()}
+        out[run_id] = {"project": first["project"], "name": first["displayName"], "group": first["groupName"],
+                       "job_type": first["jobType"], "tags": first["tags"], "config": config,
+                       "history": got["history"], "exitcode": got.get("exitcode")}
+    return out
+
+
+def _check_wandb_runs(cfg, run, runs: dict[str, dict]) -> None:
+    """One W&B run for the nash run with the iteration's figures at step 1, one for its training steps."""
     (it,) = run.iterations()
     head = json.loads(it.metrics.read_text())["headline"]
     ids = json.loads((run.path / "tracking.json").read_text())["wandb"]
-    runs = wandb_store.runs(run.path / "wandb")
     assert set(runs) == {ids["run_id"], ids["iterations"]["1"]}
-    assert len(list((run.path / "wandb").glob("offline-run-*/run-*.wandb"))) == 2  # where `wandb sync` looks
-
-    (nash_run,) = runs[ids["run_id"]]
+    nash_run, training = runs[ids["run_id"]], runs[ids["iterations"]["1"]]
     assert (nash_run["project"], nash_run["name"], nash_run["group"], nash_run["job_type"]) == \
         ("nightly", "wb", "wb", "round")
     assert nash_run["config"]["nash.config_hash"] == cfg.hash() and f"config-{cfg.hash()}" in nash_run["tags"]
-    (logged,) = nash_run["history"]  # the iteration's figures at step 1, equal to metrics.json
+    (logged,) = nash_run["history"]  # equal to metrics.json
     assert logged["_step"] == 1
     for key in ("win_rate", "substantive_pass_rate", "degenerate", "pass_rate"):
         assert logged[key] == pytest.approx(head[key]), key
     assert logged["pairs_kept"] == it.manifest()["pairs"]["pairs"] and logged["seconds_train"] > 0
-
-    (training,) = runs[ids["iterations"]["1"]]  # TRL's steps, from the training subprocess
+    # TRL's steps, from the training subprocess.
     assert (training["project"], training["name"], training["group"], training["job_type"]) == \
         ("nightly", "wb-iter_001", "wb", "train")
     assert f"config-{cfg.hash()}" in training["tags"]
     steps = [row["train/global_step"] for row in training["history"] if "train/loss" in row]
     assert steps == list(range(1, json.loads((it.path / "train.json").read_text())["steps"] + 1)) and steps
+
+
+def test_iteration_figures_and_training_steps_reach_a_wandb_server(tmp_path, tiny_overrides, monkeypatch):
+    from tests.wandb_server import WandbServer
+
+    key = "nashtest" + "k" * 40
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with WandbServer() as server:
+        cfg, run = _wandb_iteration(tmp_path, tiny_overrides, [f"tracking.uri={server.url}"])
+        runs = _served(server)
+        assert not server.unknown and server.keys == {key}  # the key went in the header, and only there
+    _check_wandb_runs(cfg, run, runs)
+    assert all(r["exitcode"] == 0 for r in runs.values())  # both runs finished
     assert iteration.tracking.sync(run) == []  # logged once
     assert not _wandb_services(str(run.path))  # no W&B service outlives the stage that started it
+    leaked = [p for p in run.path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    assert not leaked
+
+
+@pytest.mark.slow  # a second W&B iteration; the server test keeps W&B in the fast selection
+def test_offline_wandb_run_files_hold_the_figures_and_sync_to_a_server(tmp_path, tiny_overrides, monkeypatch):
+    from tests import wandb_store
+    from tests.wandb_server import WandbServer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a node without internet: run files for `wandb sync`
+    cfg, run = _wandb_iteration(tmp_path, tiny_overrides)
+    files = sorted((run.path / "wandb").glob("offline-run-*"))
+    assert len(files) == 2
+    stored = {run_id: sessions[0] for run_id, sessions in wandb_store.runs(run.path / "wandb").items()}
+    _check_wandb_runs(cfg, run, stored)
+    monkeypatch.delenv("WANDB_MODE")
+    with WandbServer() as server:
+        env = {**os.environ, "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": server.url, "HOME": str(tmp_path)}
+        done = subprocess.run([str(Path(sys.executable).with_name("wandb")), "sync", *map(str, files)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        synced = _served(server)
+        assert not server.unknown
+    _check_wandb_runs(cfg, run, synced)
+    for run_id, session in stored.items():
+        assert synced[run_id]["history"] == session["history"]
 
 
 def test_wandb_without_a_server_or_a_key_fails_preflight_or_warns(tmp_path, tiny_overrides, caplog, monkeypatch):
@@ -165,21 +217,17 @@ def test_wandb_without_a_server_or_a_key_fails_preflight_or_warns(tmp_path, tiny
         preflight(cfg, run)
     key = "k" * 40
     monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setattr(tracking, "PROBE_S", 3)  # a server that never answers is cut off at the deadline
     t0 = time.time()
     with pytest.raises(UserError, match="tracking.uri") as failed:
         preflight(cfg, run)
-    assert time.time() - t0 < 30 and key not in str(failed.value)
+    assert time.time() - t0 < 10 and "no answer in 3 s" in str(failed.value) and key not in str(failed.value)
+    assert not _wandb_services(dead)  # killed with the probe
     warn = load_config(None, overrides + ["tracking.on_error=warn"])
     run = RunDir.create(tmp_path, warn)
-    monkeypatch.delenv("WANDB_API_KEY")  # the quicker failure: no key
+    monkeypatch.delenv("WANDB_API_KEY")
     env = tracking.trainer_env(IterationDir(run, 1))  # training goes on untracked
     assert env == {tracking.OFF: "1"} and "going on without it" in caplog.text and key not in caplog.text
-    # Past its deadline the worker is killed with wandb's service: nothing waits on a dead server.
-    t0 = time.time()
-    dead_env = {"WANDB_BASE_URL": dead, "WANDB_API_KEY": key}
-    assert tracking._wandb_worker(["probe"], dead_env, tmp_path / "probe.log", 3) == "no answer in 3 s"
-    assert time.time() - t0 < 10
-    assert not _wandb_services(dead)
 
 
 def _wandb_services(marker: str) -> list:
