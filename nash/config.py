@@ -578,6 +578,8 @@ class TrackingSection(Section):
                                "else the API key's default entity.")
     dir: LocalPath | None = Field(None, description="tensorboard: the log directory; wandb: W&B writes to its "
                                   "`wandb/` folder; null: RUN/tensorboard, RUN (so RUN/wandb).")
+    timeout_s: float = Field(120, gt=0, description="wandb: how long the round waits for W&B to log an iteration's "
+                             "figures, and the training worker for its run to finish, before going on without it.")
     on_error: Literal["fail", "warn"] = Field(
         "fail", description="fail: a tracker that cannot be reached stops the round before its first stage; "
         "warn: nash logs a warning and goes on, and logs the missed iterations when it answers again.")

@@ -288,9 +288,29 @@ def _sync_wandb(cfg, run: RunDir, todo: list[IterationDir]) -> None:
                                "job_type": "round", "tags": where["WANDB_TAGS"].split(","),
                                "config": {"nash.run": run.name, "nash.config_hash": cfg.hash()}},
                       "rows": [[it.index, figures(it)] for it in todo]})
-    problem = _wandb_worker(["log", str(spec)], where, files / "nash-wandb.log", 180)
+    problem = _wandb_worker(["log", str(spec)], where, files / "nash-wandb.log",
+                             cfg.tracking.timeout_s)
     if problem:
         raise RuntimeError(problem)
+
+
+def finish_trainer_run(cfg) -> None:
+    """In the training worker, once train.json is written: end its W&B run within `tracking.timeout_s`.
+    A server that stopped answering would otherwise hold the worker at exit, and the stage with it."""
+    import os
+    import sys
+    import threading
+
+    wandb = sys.modules.get("wandb")
+    if cfg.tracking.kind != "wandb" or wandb is None or wandb.run is None:
+        return
+    done = threading.Thread(target=wandb.finish, daemon=True)
+    done.start()
+    done.join(cfg.tracking.timeout_s)
+    if done.is_alive():
+        print(f"tracking: W&B did not finish the training run in {cfg.tracking.timeout_s:.0f} s (tracking.timeout_s); "
+              "its last steps may be missing there", flush=True)
+        os._exit(0)  # train.json is written: the iteration goes on
 
 
 def _millis(it: IterationDir) -> int:

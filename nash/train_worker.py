@@ -17,7 +17,7 @@ from nash.policy import resolve_policy
 from nash.records import Pair, Sample, iter_jsonl, read_jsonl, write_json
 from nash.registry import IterationDir
 from nash.supervisor import PROGRESS_TAG
-from nash.tracking import report_to, trainer_args
+from nash.tracking import finish_trainer_run, report_to, trainer_args
 from nash.training import train_policy
 
 
@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
         metrics["kl_tokens"] = kl["tokens"]
     metrics["worker_pid"] = os.getpid()
     write_json(it.path / "train.json", metrics)
+    finish_trainer_run(cfg)
     return 0
 
 

@@ -41,6 +41,7 @@ def _sent(it) -> tuple[int, int]:
     return sum(j.requests for j in js), sum(j.tokens_in for j in js)
 
 
+@pytest.mark.slow  # two iterations; the budget refusal below keeps the plan in the fast selection
 def test_plan_matches_the_requests_and_tokens_iterations_send(tiny_model_dir, gold_prompts, tmp_path, monkeypatch):
     from nash.models import load_tokenizer
 

@@ -178,6 +178,28 @@ def test_iteration_figures_and_training_steps_reach_a_wandb_server(tmp_path, tin
     assert not leaked
 
 
+@pytest.mark.slow  # a W&B server that stops answering holds nothing past tracking.timeout_s
+def test_a_wandb_server_that_stops_answering_costs_at_most_the_timeout(tmp_path, tiny_overrides, monkeypatch, caplog):
+    from tests.wandb_server import WandbServer
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with WandbServer() as server:
+        server.stall_file_stream = True  # logins and run upserts are answered, the steps never are
+        t0 = time.time()
+        cfg, run = _wandb_iteration(tmp_path, tiny_overrides, [f"tracking.uri={server.url}", "tracking.timeout_s=5",
+                                                               "tracking.on_error=warn"])
+        took = time.time() - t0
+    (it,) = run.iterations()
+    assert it.complete and json.loads((it.path / "train.json").read_text())["steps"] >= 1
+    assert "did not finish the training run in 5 s" in (it.path / "train.log").read_text()
+    assert "no answer in 5 s" in caplog.text  # the round's figures: logged at the next sync
+    assert json.loads((run.path / "tracking.json").read_text()).get("logged", []) == []
+    assert took < 120, took
+    assert not _wandb_services(str(run.path))
+
+
 @pytest.mark.slow  # a second W&B iteration; the server test keeps W&B in the fast selection
 def test_offline_wandb_run_files_hold_the_figures_and_sync_to_a_server(tmp_path, tiny_overrides, monkeypatch):
     from tests import wandb_store

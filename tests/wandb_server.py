@@ -5,7 +5,8 @@ run's upsert, upload URLs for its files) and the file stream, which carries the 
 it keeps what arrives per run: the upsert's variables (name, group, job type, tags, config), the
 history rows in file-stream order, and the uploaded files. Any other operation is answered with an
 empty result and recorded in `unknown`, so a test sees what the client asked that this does not
-serve. The real server's checks (keys, quotas, offsets against stored history) are not modelled.
+serve. `stall_file_stream` makes it stop answering the file stream, as a server that went away mid-run
+does, until it is closed. The real server's checks (keys, quotas, offsets against stored history) are not modelled.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class WandbServer:
         self.runs: dict[str, dict] = {}  # run id -> {"upserts": [variables], "history": [row], "files": {}}
         self.unknown: list[str] = []
         self.keys: set[str] = set()  # the API keys seen in the Authorization header
+        self.stall_file_stream = False
+        self._closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +58,9 @@ class WandbServer:
                     return self._reply({"data": server.graphql(json.loads(body))})
                 m = re.fullmatch(r"/files/([^/]+)/([^/]+)/([^/]+)/file_stream", path)
                 if m:
+                    if server.stall_file_stream:
+                        server._closing.wait(600)
+                        return
                     server.file_stream(m.group(3), json.loads(body))
                     return self._reply({"exitcode": None, "limits": {}})
                 if path.startswith("/sdk/otel/"):  # the client's own metrics
@@ -131,5 +137,6 @@ class WandbServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
