@@ -1,9 +1,9 @@
 """W&B calls in a process of their own.
 
 wandb's service can wait forever on a server that does not answer (its exit hook joins a busy
-service), so the round asks W&B only through this worker, with a deadline; past it the worker's
-process group, wandb's service included, is killed. The worker leaves with os._exit once its
-answer is out or its run is finished, skipping that hook.
+service), so the round asks W&B only through this worker, with a deadline; past it the worker is
+killed, and wandb's service, left without its client, ends. The worker leaves with os._exit once
+its answer is out or its run is finished, skipping that hook.
 
     python -m nash.wandb_worker probe       exit 0 if the server (WANDB_BASE_URL) takes the API key
     python -m nash.wandb_worker log SPEC    wandb.init(**SPEC["init"]), each row at its step, finish

@@ -215,7 +215,7 @@ def test_offline_wandb_run_files_hold_the_figures_and_sync_to_a_server(tmp_path,
     with WandbServer() as server:
         env = {**os.environ, "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": server.url, "HOME": str(tmp_path)}
         done = subprocess.run([str(Path(sys.executable).with_name("wandb")), "sync", *map(str, files)], env=env,
-                              capture_output=True, text=True, timeout=300)
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)  # its logs go to cwd
         assert done.returncode == 0, done.stdout + done.stderr
         synced = _served(server)
         assert not server.unknown
