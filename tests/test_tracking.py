@@ -191,13 +191,18 @@ def test_a_wandb_server_that_stops_answering_costs_at_most_the_timeout(tmp_path,
         cfg, run = _wandb_iteration(tmp_path, tiny_overrides, [f"tracking.uri={server.url}", "tracking.timeout_s=5",
                                                                "tracking.on_error=warn"])
         took = time.time() - t0
-    (it,) = run.iterations()
-    assert it.complete and json.loads((it.path / "train.json").read_text())["steps"] >= 1
-    assert "did not finish the training run in 5 s" in (it.path / "train.log").read_text()
-    assert "no answer in 5 s" in caplog.text  # the round's figures: logged at the next sync
-    assert json.loads((run.path / "tracking.json").read_text()).get("logged", []) == []
-    assert took < 120, took
-    assert not _wandb_services(str(run.path))
+        (it,) = run.iterations()
+        assert it.complete and json.loads((it.path / "train.json").read_text())["steps"] >= 1
+        assert "did not finish the training run in 5 s" in (it.path / "train.log").read_text()
+        assert "no answer in 5 s" in caplog.text
+        assert json.loads((run.path / "tracking.json").read_text()).get("logged", []) == []
+        assert took < 120, took
+        assert not _wandb_services(str(run.path))
+        # When the server answers again, the next sync logs the iteration it missed.
+        server.stall_file_stream = False
+        assert iteration.tracking.sync(run) == [1]
+        parent = json.loads((run.path / "tracking.json").read_text())["wandb"]["run_id"]
+        assert [row["_step"] for row in server.runs[parent]["history"]] == [1]
 
 
 @pytest.mark.slow  # a second W&B iteration; the server test keeps W&B in the fast selection
