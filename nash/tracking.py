@@ -95,12 +95,17 @@ def _mlflow_runs(run: RunDir, it: IterationDir | None = None) -> tuple[str, str 
     if it is not None:
         child = ids["iterations"].get(str(it.index))
         if child is None:
-            made = client.create_run(ids["experiment_id"], run_name=f"{run.name}-{it.path.name}",
+            made = client.create_run(ids["experiment_id"], run_name=_iteration_run_name(it),
                                      tags={"mlflow.parentRunId": ids["run_id"], "nash.run": run.name,
                                            "nash.iteration": str(it.index), "nash.config_hash": cfg.hash()})
             child = ids["iterations"][str(it.index)] = made.info.run_id
             state.save()
     return ids["run_id"], child
+
+
+def _iteration_run_name(it: IterationDir) -> str:
+    """The tracker run that holds an iteration's training steps."""
+    return f"{it.run.name}-{it.path.name}"
 
 
 def tensorboard_dir(run: RunDir) -> Path:
@@ -127,7 +132,8 @@ def _wandb_offline() -> bool:
 
 
 def _wandb_where(cfg, run: RunDir) -> dict[str, str]:
-    """wandb.init's environment, shared by the round's run and the training subprocess's. W&B writes
+    """wandb.init's environment (project, entity, server, directory, group, tags), shared by the round's
+    run and the training subprocess's. W&B writes
     its files to WANDB_DIR/wandb: RUN/wandb by default."""
     d = Path(cfg.tracking.dir) if cfg.tracking.dir else run.path
     (d / "wandb").mkdir(parents=True, exist_ok=True)
@@ -195,10 +201,10 @@ def trainer_args(it: IterationDir) -> dict[str, str]:
     """Training arguments the tracker's callback reads: trackio's project and run name."""
     cfg = it.run.config()
     if cfg.tracking.kind == "wandb":
-        return {"run_name": f"{it.run.name}-{it.path.name}"}
-    if cfg.tracking.kind != "trackio":
-        return {}
-    return {"project": cfg.tracking.experiment or it.run.name, "run_name": f"{it.run.name}-{it.path.name}"}
+        return {"run_name": _iteration_run_name(it)}
+    if cfg.tracking.kind == "trackio":
+        return {"project": cfg.tracking.experiment or it.run.name, "run_name": _iteration_run_name(it)}
+    return {}
 
 
 def trainer_env(it: IterationDir) -> dict[str, str]:
@@ -283,13 +289,10 @@ def _sync_wandb(cfg, run: RunDir, todo: list[IterationDir]) -> None:
     where = _wandb_where(cfg, run)
     files = Path(where["WANDB_DIR"]) / "wandb"
     spec = files / "nash-log.json"
-    write_json(spec, {"init": {"project": where["WANDB_PROJECT"], "entity": cfg.tracking.entity, "id": parent,
-                               "dir": where["WANDB_DIR"], "resume": "allow", "name": run.name, "group": run.name,
-                               "job_type": "round", "tags": where["WANDB_TAGS"].split(","),
+    write_json(spec, {"init": {"id": parent, "resume": "allow", "name": run.name, "job_type": "round",
                                "config": {"nash.run": run.name, "nash.config_hash": cfg.hash()}},
                       "rows": [[it.index, figures(it)] for it in todo]})
-    problem = _wandb_worker(["log", str(spec)], where, files / "nash-wandb.log",
-                             cfg.tracking.timeout_s)
+    problem = _wandb_worker(["log", str(spec)], where, files / "nash-wandb.log", cfg.tracking.timeout_s)
     if problem:
         raise RuntimeError(problem)
 
@@ -335,7 +338,7 @@ def check(cfg) -> None:
         problem = _wandb_probe(cfg)
         if problem:
             _failed(cfg, problem, None)
-    if kind == "mlflow":
+    elif kind == "mlflow":
         # One quick question, not MLflow's default minutes of retries against a dead server.
         saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
         os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")

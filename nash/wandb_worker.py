@@ -7,6 +7,7 @@ its answer is out or its run is finished, skipping that hook.
 
     python -m nash.wandb_worker probe       exit 0 if the server (WANDB_BASE_URL) takes the API key
     python -m nash.wandb_worker log SPEC    wandb.init(**SPEC["init"]), each row at its step, finish
+                                            (project, group, tags... come from WANDB_* in the environment)
 """
 
 from __future__ import annotations
